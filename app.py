@@ -1,0 +1,299 @@
+"""The Flask app: factory, configuration, web pages, the JSON API and CLI registration."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our own messages
+
+from flask import Flask, Response, abort, current_app, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+import model_store
+import reports
+from model_store import ModelStoreError, db
+from predictor import DEFAULT_MAX_PIXELS, ImageError
+from serving import LoadedModel, ModelHolder, Upload, classify, clean_filename
+
+csrf = CSRFProtect()
+
+DEFAULTS = {
+    "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
+    "MAX_IMAGES_PER_REQUEST": 64,
+    "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
+    "MODEL_POLL_SECONDS": 1.0,
+    "SQLALCHEMY_ENGINE_OPTIONS": {},
+}
+
+
+def _secret_key(instance_path: Path) -> str:
+    """The secret key from the instance folder, generated on first run (never from the code)."""
+    key_file = instance_path / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+def _database_uri(instance_path: Path) -> str:
+    url = os.environ.get("DATABASE_URL")
+    if url and url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url or f"sqlite:///{instance_path / 'app.sqlite'}"
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create and configure the app: instance config.py, then FLASK_* environment variables.
+
+    The instance folder (database, secret key, rehydrated models) is `instance/` beside this file
+    unless INSTANCE_PATH (in `test_config` or the environment) names another.
+    """
+    instance_override = (test_config or {}).get("INSTANCE_PATH") or os.environ.get("INSTANCE_PATH")
+    app = Flask(__name__, instance_path=instance_override and str(Path(instance_override).resolve()),
+                instance_relative_config=True)  # fmt: skip
+    instance_path = Path(app.instance_path)
+    instance_path.mkdir(parents=True, exist_ok=True)
+    app.config.from_mapping(DEFAULTS, SQLALCHEMY_DATABASE_URI=_database_uri(instance_path))
+    if test_config is None:
+        app.config.from_pyfile("config.py", silent=True)
+        app.config.from_prefixed_env()
+    else:
+        app.config.from_mapping(test_config)
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = _secret_key(instance_path)
+    app.config.setdefault("MODEL_CACHE_DIR", str(instance_path / "models"))
+
+    db.init_app(app)
+    csrf.init_app(app)
+    app.extensions["model_holder"] = ModelHolder(Path(app.config["MODEL_CACHE_DIR"]), app.config["MODEL_POLL_SECONDS"])
+
+    register_routes(app)
+    register_errors(app)
+    app.after_request(_security_headers)
+
+    from cli import register_commands
+
+    register_commands(app)
+    return app
+
+
+def holder() -> ModelHolder:
+    return current_app.extensions["model_holder"]
+
+
+def _security_headers(response):
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+# ---------------------------------------------------------------- request helpers
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status and a machine-readable code."""
+
+    def __init__(self, message: str, status: int, code: str):
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+def uploads_from_request(field: str = "image") -> list[Upload]:
+    """The images of a request: multipart field `field` (repeatable) or a raw image body."""
+    content_type = (request.mimetype or "").lower()
+    if content_type.startswith("image/"):
+        data = request.get_data(cache=False)
+        name = clean_filename(request.args.get("filename"), "upload")
+        uploads = [Upload(name, data)]
+    elif content_type == "multipart/form-data":
+        files = [f for f in request.files.getlist(field) if f.filename or f.content_length]
+        uploads = [Upload(clean_filename(f.filename), f.read()) for f in files]
+    else:
+        raise RequestError(
+            f"Send images as multipart/form-data field '{field}' or as a raw body with an image/* content type.",
+            415 if request.content_length else 400,
+            "unsupported_media_type" if request.content_length else "no_file",
+        )
+    if not uploads:
+        raise RequestError(f"No image was sent: choose a file (multipart field '{field}').", 400, "no_file")
+    limit = current_app.config["MAX_IMAGES_PER_REQUEST"]
+    if len(uploads) > limit:
+        raise RequestError(f"Too many images: {len(uploads)} sent, at most {limit} per request.", 413, "too_many_images")
+    return uploads
+
+
+def active_model() -> LoadedModel:
+    loaded = holder().current()
+    if loaded is None:
+        raise RequestError(holder().error or "No model is loaded.", 503, "no_model")
+    return loaded
+
+
+def run_classification(uploads: list[Upload]):
+    loaded = active_model()
+    try:
+        predictions, elapsed_ms = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+    except ImageError as exc:
+        raise RequestError(exc.message, exc.status, exc.code) from exc
+    return loaded, predictions, elapsed_ms
+
+
+def _top_k() -> int | None:
+    raw = request.args.get("top_k")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise RequestError("top_k must be a positive integer.", 400, "bad_top_k")
+    return int(raw)
+
+
+# ---------------------------------------------------------------- routes
+
+
+def register_routes(app: Flask) -> None:
+    @app.get("/")
+    def index():
+        return render_page()
+
+    @app.post("/")
+    def classify_page():
+        from predictor import thumbnail_data_uri
+
+        try:
+            uploads = uploads_from_request()
+            loaded, predictions, elapsed_ms = run_classification(uploads)
+        except RequestError as exc:
+            return render_page(error=exc.message), exc.status
+        results = [
+            {"filename": upload.filename, "prediction": prediction, "thumbnail": thumbnail_data_uri(upload.data)}
+            for upload, prediction in zip(uploads, predictions, strict=True)
+        ]
+        return render_page(results=results, answered_by=loaded, elapsed_ms=elapsed_ms)
+
+    @app.get("/models")
+    def models_page():
+        return render_template("models.html", models=model_store.list_models(), status=holder_status())
+
+    @app.get("/models/<int:model_id>")
+    def model_card(model_id: int):
+        try:
+            row = model_store.get_model(model_id)
+        except ModelStoreError:
+            abort(404)
+        return render_template("model_card.html", model=row, status=holder_status())
+
+    @app.get("/models/<int:model_id>/<any(curves, confusion):plot>.png")
+    def model_plot(model_id: int, plot: str):
+        try:
+            metrics = model_store.get_model(model_id).metrics
+        except ModelStoreError:
+            abort(404)
+        if plot == "curves" and metrics.get("history"):
+            png = reports.curves_png(metrics["history"])
+        elif plot == "confusion" and metrics.get("confusion_matrix"):
+            png = reports.confusion_png(metrics["confusion_matrix"], metrics["class_names"], metrics["test_accuracy"])
+        else:
+            abort(404)
+        return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/healthz")
+    def healthz():
+        status = holder_status()
+        return jsonify(status), 200 if status["ready"] and not status["error"] else 503
+
+    @app.get("/api/v1/models")
+    def api_models():
+        return jsonify({"models": [_public(row.to_dict()) for row in model_store.list_models()]})
+
+    @app.post("/api/v1/predict")
+    @csrf.exempt
+    def api_predict():
+        top_k = _top_k()
+        uploads = uploads_from_request()
+        loaded, predictions, elapsed_ms = run_classification(uploads)
+        return jsonify(
+            {
+                "model": loaded.describe(),
+                "elapsed_ms": round(elapsed_ms, 2),
+                "predictions": [
+                    {
+                        "filename": upload.filename,
+                        "top_class": prediction.top_class,
+                        "probability": prediction.top_probability,
+                        "probabilities": dict(prediction.ranked[:top_k]),
+                    }
+                    for upload, prediction in zip(uploads, predictions, strict=True)
+                ],
+            }
+        )
+
+
+def _public(model: dict) -> dict:
+    """Registry metadata for the API: the training history is long and stays on the model card."""
+    metrics = {key: value for key, value in model["metrics"].items() if key != "history"}
+    return {**model, "metrics": metrics}
+
+
+def holder_status() -> dict:
+    """Readiness of this process and the model it serves."""
+    loaded = holder().current()
+    return {
+        "ready": loaded is not None,
+        "model": loaded.describe() if loaded else None,
+        "classes": list(loaded.class_names) if loaded else [],
+        "error": holder().error,
+    }
+
+
+def render_page(**context):
+    return render_template("index.html", status=holder_status(), **context)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path == "/healthz"
+
+
+def _error_response(message: str, status: int, code: str):
+    if _wants_json():
+        return jsonify({"error": {"code": code, "message": message}}), status
+    if request.endpoint in ("index", "classify_page") or request.path == "/":
+        return render_page(error=message), status
+    return render_template("error.html", message=message, status_code=status, status=holder_status()), status
+
+
+def register_errors(app: Flask) -> None:
+    @app.errorhandler(RequestError)
+    def request_error(exc: RequestError):
+        return _error_response(exc.message, exc.status, exc.code)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc):
+        limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        return _error_response(f"The upload is too large: the limit is {limit_mb:g} MB per request.", 413, "too_large")
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc: CSRFError):
+        return _error_response(f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again.", 400, "csrf")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return _error_response(exc.description or exc.name, exc.code or 500, code)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        app.logger.exception("unexpected error")
+        return _error_response("Something went wrong on our side; the error was logged.", 500, "internal")
+

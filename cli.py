@@ -1,0 +1,166 @@
+"""`flask` commands for the operator: the database, the model registry and predictions from files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+
+import model_store
+from model_store import ModelStoreError
+from predictor import ImageError
+from serving import ModelHolder, Upload, classify, clean_filename
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _sidecar_metrics(model_path: Path) -> dict:
+    """train.py's metrics.json beside a model file, when there is one."""
+    sidecar = model_path.with_name("metrics.json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {sidecar}: {exc}") from exc
+
+
+@click.command("init-db")
+def init_db_command() -> None:
+    """Create the database tables (safe to run again)."""
+    model_store.init_db()
+    click.echo(f"database ready: {current_app.config['SQLALCHEMY_DATABASE_URI']}")
+
+
+@click.command("import-model")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", help="registry name (default: from metrics.json, else the file name)")
+@click.option("--classes", help="comma-separated class names in output order (default: metrics.json, else CIFAR-10)")
+@click.option("--input-scale", type=click.Choice(["unit", "raw", "symmetric"]), help="pixel scaling the model expects")
+@click.option("--output-kind", type=click.Choice(["logits", "probabilities"]), help="what the last layer gives")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="metrics JSON to store (default: metrics.json beside the model)")  # fmt: skip
+@click.option("--activate", is_flag=True, help="make it the active model")
+@click.option("--if-empty", is_flag=True, help="only import when the registry has no model yet")
+def import_model_command(path, name, classes, input_scale, output_kind, metrics_path, activate, if_empty) -> None:
+    """Validate a Keras model file and store it as a new version."""
+    if if_empty and model_store.list_models():
+        click.echo("the registry already has models; nothing imported")
+        return
+    if not path.is_file():
+        _fail(f"no such file: {path}")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path else _sidecar_metrics(path)
+    class_names = [c.strip() for c in classes.split(",")] if classes else None
+    try:
+        row = model_store.import_model(
+            path, name=name, class_names=class_names, metrics=metrics,
+            input_scale=input_scale, output_kind=output_kind, activate=activate,
+        )  # fmt: skip
+    except ModelStoreError as exc:
+        _fail(f"import refused, nothing was stored: {exc}")
+    state = "active" if row.is_active else "inactive"
+    click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
+
+
+@click.command("models")
+def models_command() -> None:
+    """List the registry."""
+    rows = model_store.list_models()
+    if not rows:
+        click.echo("no models; import one with `flask --app app import-model PATH`")
+        return
+    header = f"{'id':>4}  {'name':<20} {'ver':>4}  {'created':<16}  {'classes':>7}  {'accuracy':>8}  {'size':>8}  active"
+    click.echo(header)
+    for row in rows:
+        accuracy = row.metrics.get("test_accuracy")
+        accuracy_text = f"{accuracy * 100:.2f}%" if isinstance(accuracy, int | float) else "-"
+        click.echo(
+            f"{row.id:>4}  {row.name[:20]:<20} {row.version:>4}  {row.created_at:%Y-%m-%d %H:%M}  "
+            f"{len(row.class_names):>7}  {accuracy_text:>8}  {row.size / 1e6:>6.1f}MB  {'*' if row.is_active else ''}"
+        )
+
+
+@click.command("activate")
+@click.argument("model_id", type=int)
+def activate_command(model_id: int) -> None:
+    """Make a version the active one; running servers pick it up without a restart."""
+    try:
+        row = model_store.activate(model_id)
+    except ModelStoreError as exc:
+        _fail(str(exc))
+    click.echo(f"model {row.id} ({row.name} v{row.version}) is now active")
+
+
+@click.command("export")
+@click.argument("model_id", type=int)
+@click.argument("path", type=click.Path(path_type=Path))
+def export_command(model_id: int, path: Path) -> None:
+    """Write a version's model file back out, byte for byte."""
+    try:
+        written = model_store.export(model_id, path)
+    except ModelStoreError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror}")
+    click.echo(f"wrote {written}")
+
+
+@click.command("delete")
+@click.argument("model_id", type=int)
+def delete_command(model_id: int) -> None:
+    """Delete an inactive version."""
+    try:
+        model_store.delete(model_id)
+    except ModelStoreError as exc:
+        _fail(str(exc))
+    click.echo(f"deleted model {model_id}")
+
+
+@click.command("check-db")
+def check_db_command() -> None:
+    """Verify every stored model's BLOB against its sha256; exit 1 if any is corrupt."""
+    bad = 0
+    for row in model_store.list_models():
+        try:
+            model_store.verify(row)
+            click.echo(f"ok       model {row.id} ({row.name} v{row.version})")
+        except ModelStoreError as exc:
+            bad += 1
+            click.echo(f"CORRUPT  {exc}")
+    active = model_store.get_active()
+    click.echo(f"active model: {active.id if active else 'none'}")
+    if bad:
+        _fail(f"{bad} corrupt model(s)")
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+def predict_command(images: tuple[Path, ...], top_k: int) -> None:
+    """Classify image files with the active model and print the top classes."""
+    holder = ModelHolder(Path(current_app.config["MODEL_CACHE_DIR"]))
+    loaded = holder.current()
+    if loaded is None:
+        _fail(holder.error or "no model is active")
+    uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
+    try:
+        predictions, elapsed_ms = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+    except ImageError as exc:
+        _fail(exc.message)
+    click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({elapsed_ms:.1f} ms)")
+    for path, prediction in zip(images, predictions, strict=True):
+        ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in prediction.ranked[:top_k])
+        click.echo(f"{path}: {ranked}")
+
+
+def register_commands(app: Flask) -> None:
+    """Attach the commands to `flask --app app`."""
+    for command in (
+        init_db_command, import_model_command, models_command, activate_command,
+        export_command, delete_command, check_db_command, predict_command,
+    ):  # fmt: skip
+        app.cli.add_command(command)

@@ -1,0 +1,300 @@
+"""The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
+
+Import validates a file before anything is committed; rehydration writes the active model's
+BLOB to the instance folder under its sha256 so each process can load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, LargeBinary, String, UniqueConstraint, func, select
+from sqlalchemy.orm import Mapped, deferred, mapped_column
+
+from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
+
+db = SQLAlchemy()
+
+# The import default for a 10-way model without class names: the seed's CIFAR-10 order.
+# Serving always reads the names stored with each model, never this list.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
+
+
+class ModelStoreError(Exception):
+    """A registry operation that cannot be done; the message says why."""
+
+
+class ModelVersion(db.Model):
+    """One stored model file with its metadata; exactly one row is active at a time."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_model_name_version"),
+        # A partial unique index: the database itself refuses a second active row.
+        Index(
+            "ix_one_active_model",
+            "is_active",
+            unique=True,
+            sqlite_where=db.text("is_active"),
+            postgresql_where=db.text("is_active"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    format: Mapped[str] = mapped_column(String(10), nullable=False)
+    blob: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    class_names: Mapped[list] = mapped_column(JSON, nullable=False)
+    input_shape: Mapped[list] = mapped_column(JSON, nullable=False)
+    input_scale: Mapped[str] = mapped_column(String(20), nullable=False, default="unit")
+    output_kind: Mapped[str] = mapped_column(String(20), nullable=False, default="logits")
+    tta: Mapped[str] = mapped_column(String(20), nullable=False, default="none")
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+    def to_dict(self) -> dict:
+        """Metadata for the API and templates, without the BLOB."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "filename": self.filename,
+            "format": self.format,
+            "size": self.size,
+            "sha256": self.sha256,
+            "class_names": list(self.class_names),
+            "input_shape": list(self.input_shape),
+            "input_scale": self.input_scale,
+            "output_kind": self.output_kind,
+            "tta": self.tta,
+            "metrics": self.metrics,
+            "created_at": self.created_at.isoformat(),
+            "is_active": self.is_active,
+        }
+
+
+def init_db() -> None:
+    """Create the tables that do not exist yet."""
+    db.create_all()
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def detect_format(data: bytes) -> str:
+    """'h5' or 'keras' from the file's magic bytes."""
+    for fmt, magic in FORMAT_MAGIC.items():
+        if data.startswith(magic):
+            return fmt
+    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5) or a .keras (zip) file")
+
+
+def load_keras_model(path: Path):
+    """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a bad file; all mean "refused".
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelStoreError(f"the file does not load as a safe Keras model: {reason[:300]}") from exc
+
+
+def _output_kind_of(model) -> str:
+    activation = getattr(model.layers[-1], "activation", None)
+    return "probabilities" if getattr(activation, "__name__", "") == "softmax" else "logits"
+
+
+def inspect_model_bytes(data: bytes, filename: str) -> dict:
+    """Load model bytes and describe them: format, input shape, output width and kind."""
+    fmt = detect_format(data)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"model.{fmt}"
+        path.write_bytes(data)
+        model = load_keras_model(path)
+    inputs = getattr(model, "inputs", None) or []
+    outputs = getattr(model, "outputs", None) or []
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelStoreError(f"{filename}: the model must have one input and one output")
+    input_shape = tuple(inputs[0].shape)
+    if len(input_shape) != 4 or input_shape[-1] != 3 or None in input_shape[1:]:
+        raise ModelStoreError(
+            f"{filename}: the input is not an image tensor: expected (batch, height, width, 3), got {input_shape}"
+        )
+    output_shape = tuple(outputs[0].shape)
+    if len(output_shape) != 2 or output_shape[-1] is None:
+        raise ModelStoreError(f"{filename}: the output must be (batch, classes), got {output_shape}")
+    return {
+        "format": fmt,
+        "input_shape": [int(v) for v in input_shape[1:]],
+        "output_width": int(output_shape[-1]),
+        "output_kind": _output_kind_of(model),
+    }
+
+
+def _check_choice(value: str, allowed, what: str) -> str:
+    if value not in allowed:
+        raise ModelStoreError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def import_model(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    metrics: dict | None = None,
+    input_scale: str | None = None,
+    output_kind: str | None = None,
+    tta: str | None = None,
+    activate: bool = False,
+) -> ModelVersion:
+    """Validate a model file and store it as the next version of `name`, in one transaction.
+
+    Settings not given come from `metrics` (as train.py writes them), then from the file itself,
+    then from the seed's defaults. The first model stored is activated whatever `activate` says.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelStoreError(f"cannot read {path}: {exc.strerror}") from exc
+    metrics = dict(metrics or {})
+    described = inspect_model_bytes(data, path.name)
+    names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)
+    if len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise ModelStoreError("class names must be unique and non-empty")
+    if described["output_width"] != len(names):
+        raise ModelStoreError(
+            f"{path.name}: the model has {described['output_width']} outputs but "
+            f"{len(names)} class names were given"
+        )
+    row = ModelVersion(
+        name=name or metrics.get("name") or path.stem,
+        filename=path.name[:255],
+        format=described["format"],
+        blob=data,
+        size=len(data),
+        sha256=sha256_of(data),
+        class_names=names,
+        input_shape=described["input_shape"],
+        input_scale=_check_choice(input_scale or metrics.get("input_scale", "unit"), INPUT_SCALES, "input scale"),
+        output_kind=_check_choice(output_kind or metrics.get("output_kind", described["output_kind"]),
+                                  OUTPUT_KINDS, "output kind"),  # fmt: skip
+        tta=_check_choice(tta or metrics.get("tta", "none"), TTA_MODES, "test-time augmentation"),
+        metrics=metrics,
+        created_at=datetime.now(UTC),
+    )
+    try:
+        latest = db.session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == row.name))
+        row.version = (latest or 0) + 1
+        db.session.add(row)
+        db.session.flush()
+        if activate or get_active() is None:
+            _set_active(row)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return row
+
+
+def list_models() -> list[ModelVersion]:
+    """All versions, newest first, without loading BLOBs."""
+    return list(db.session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())))
+
+
+def get_model(model_id: int) -> ModelVersion:
+    row = db.session.get(ModelVersion, model_id)
+    if row is None:
+        raise ModelStoreError(f"no model with id {model_id}")
+    return row
+
+
+def get_active() -> ModelVersion | None:
+    return db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+
+
+def _set_active(row: ModelVersion) -> None:
+    current = get_active()
+    if current is not None and current.id != row.id:
+        current.is_active = False
+        db.session.flush()  # the partial unique index needs the old flag cleared first
+    row.is_active = True
+
+
+def activate(model_id: int) -> ModelVersion:
+    """Make one version the active one, after checking its BLOB is intact."""
+    row = get_model(model_id)
+    verify(row)
+    try:
+        _set_active(row)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return row
+
+
+def delete(model_id: int) -> None:
+    """Delete an inactive version."""
+    row = get_model(model_id)
+    if row.is_active:
+        raise ModelStoreError(f"model {model_id} is the active model; activate another one first")
+    db.session.delete(row)
+    db.session.commit()
+
+
+def verify(row: ModelVersion) -> None:
+    """Raise if the stored BLOB no longer matches its recorded sha256 or size."""
+    blob = row.blob
+    if len(blob) != row.size or sha256_of(blob) != row.sha256:
+        raise ModelStoreError(f"model {row.id} is corrupt: its BLOB does not match the recorded sha256")
+
+
+def export(model_id: int, destination: str | Path) -> Path:
+    """Write a version's file back out, byte for byte (after checking its hash)."""
+    row = get_model(model_id)
+    verify(row)
+    destination = Path(destination)
+    if destination.is_dir():
+        destination = destination / row.filename
+    _atomic_write(destination, row.blob)
+    return destination
+
+
+def _atomic_write(destination: Path, data: bytes) -> None:
+    """Write to a temporary file beside the destination, then rename: readers never see half a file."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-", suffix=destination.suffix)
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, destination)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def rehydrate(row: ModelVersion, directory: str | Path) -> Path:
+    """The model's file in `directory`, named by its sha256; written only when missing or wrong."""
+    path = Path(directory) / f"{row.sha256}.{row.format}"
+    if path.exists() and sha256_of(path.read_bytes()) == row.sha256:
+        return path
+    verify(row)
+    _atomic_write(path, row.blob)
+    return path

@@ -1,0 +1,149 @@
+"""Per-process serving state: the active model, loaded once and swapped when another is activated.
+
+A request takes one `LoadedModel` reference and uses it for all its images, so every answer comes
+from one whole model even while another version is being activated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+import model_store
+from model_store import ModelStoreError, ModelVersion, db
+from predictor import ImageError, ModelSpec, Prediction, Predictor, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to answer, with the registry facts a response reports."""
+
+    id: int
+    name: str
+    version: int
+    sha256: str
+    predictor: Predictor
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.predictor.spec.class_names
+
+    def describe(self) -> dict:
+        return {"id": self.id, "name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def load_version(row: ModelVersion, directory: Path) -> LoadedModel:
+    """Rehydrate a registry row to a file, load it in safe mode, warm it up."""
+    path = model_store.rehydrate(row, directory)
+    model = model_store.load_keras_model(path)
+    spec = ModelSpec(tuple(row.class_names), tuple(row.input_shape), row.input_scale, row.output_kind, row.tta)
+    predictor = Predictor(model, spec)
+    predictor.warm_up()
+    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor)
+
+
+class ModelHolder:
+    """Keeps this process's loaded model in step with the registry's active row.
+
+    The registry is asked for the active id at most every `poll_seconds`; a change loads the new
+    version beside the old one and swaps the reference. A version that fails to load is reported
+    (`error`) while the last good model keeps serving.
+    """
+
+    def __init__(self, directory: Path, poll_seconds: float = 1.0):
+        self.directory = directory
+        self.poll_seconds = poll_seconds
+        self.error: str | None = None
+        self._loaded: LoadedModel | None = None
+        self._failed_sha: str | None = None
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> LoadedModel | None:
+        """The model to answer with now (refreshing from the registry when due)."""
+        if time.monotonic() - self._checked_at >= self.poll_seconds:
+            self.refresh()
+        return self._loaded
+
+    def refresh(self) -> None:
+        """Load the registry's active version if it is not the one in hand.
+
+        Only the very first load makes other threads wait; later, while one thread loads a new
+        version, the others keep answering with the model in hand.
+        """
+        if not self._lock.acquire(blocking=self._loaded is None):
+            return
+        try:
+            self._checked_at = time.monotonic()
+            active = db.session.execute(
+                select(ModelVersion.id, ModelVersion.sha256).where(ModelVersion.is_active.is_(True))
+            ).first()
+            db.session.rollback()  # end the read transaction so the next poll sees new commits
+            if active is None:
+                self.error = None if self._loaded else "no model is active: import one with `flask import-model`"
+                return
+            model_id, sha = active
+            if self._loaded is not None and self._loaded.sha256 == sha and self._loaded.id == model_id:
+                self.error = None
+                return
+            if sha != self._failed_sha:
+                self._load(model_id, sha)
+        finally:
+            self._lock.release()
+
+    def _load(self, model_id: int, sha: str) -> None:
+        try:
+            loaded = load_version(db.session.get(ModelVersion, model_id), self.directory)
+        except ModelStoreError as exc:
+            self._failed_sha = sha
+            self.error = f"the active model (id {model_id}) cannot be served: {exc}"
+            log.error(self.error)
+            return
+        finally:
+            db.session.rollback()
+        self._loaded = loaded
+        self._failed_sha = None
+        self.error = None
+        log.info("serving model %s (%s v%s)", loaded.id, loaded.name, loaded.version)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image: the client's file name (for display only) and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+def clean_filename(name: str | None, fallback: str = "image") -> str:
+    """A file name safe to show: the last path part, no control characters, at most 100 characters."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return (name or fallback)[:100]
+
+
+def decode_uploads(uploads: list[Upload], spec: ModelSpec, max_pixels: int):
+    """Decode every upload to the model's input size; an ImageError names the file at fault."""
+    arrays = []
+    for upload in uploads:
+        try:
+            arrays.append(load_image(upload.data, spec.image_size, max_pixels))
+        except ImageError as exc:
+            raise ImageError(f"{upload.filename}: {exc.message}", exc.status, exc.code) from exc
+    return np.stack(arrays)
+
+
+def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int) -> tuple[list[Prediction], float]:
+    """Predictions for the uploads in one model call, and the time taken in milliseconds."""
+    started = time.perf_counter()
+    batch = decode_uploads(uploads, loaded.predictor.spec, max_pixels)
+    predictions = loaded.predictor.predict(batch)
+    return predictions, (time.perf_counter() - started) * 1000
