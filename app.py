@@ -52,8 +52,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     unless INSTANCE_PATH (in `test_config` or the environment) names another.
     """
     instance_override = (test_config or {}).get("INSTANCE_PATH") or os.environ.get("INSTANCE_PATH")
-    app = Flask(__name__, instance_path=instance_override and str(Path(instance_override).resolve()),
-                instance_relative_config=True)  # fmt: skip
+    app = Flask(
+        __name__,
+        instance_path=instance_override and str(Path(instance_override).resolve()),
+        instance_relative_config=True,
+    )
     instance_path = Path(app.instance_path)
     instance_path.mkdir(parents=True, exist_ok=True)
     app.config.from_mapping(DEFAULTS, SQLALCHEMY_DATABASE_URI=_database_uri(instance_path))
@@ -66,6 +69,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config["SECRET_KEY"] = _secret_key(instance_path)
     app.config.setdefault("MODEL_CACHE_DIR", str(instance_path / "models"))
 
+    app.json.sort_keys = False  # probabilities are listed ranked, best first
     db.init_app(app)
     csrf.init_app(app)
     app.extensions["model_holder"] = ModelHolder(Path(app.config["MODEL_CACHE_DIR"]), app.config["MODEL_POLL_SECONDS"])
@@ -127,7 +131,9 @@ def uploads_from_request(field: str = "image") -> list[Upload]:
         raise RequestError(f"No image was sent: choose a file (multipart field '{field}').", 400, "no_file")
     limit = current_app.config["MAX_IMAGES_PER_REQUEST"]
     if len(uploads) > limit:
-        raise RequestError(f"Too many images: {len(uploads)} sent, at most {limit} per request.", 413, "too_many_images")
+        raise RequestError(
+            f"Too many images: {len(uploads)} sent, at most {limit} per request.", 413, "too_many_images"
+        )
     return uploads
 
 
@@ -285,7 +291,11 @@ def register_errors(app: Flask) -> None:
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
-        return _error_response(f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again.", 400, "csrf")
+        return _error_response(
+            f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again.",
+            400,
+            "csrf",
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -296,4 +306,3 @@ def register_errors(app: Flask) -> None:
     def unexpected(exc: Exception):
         app.logger.exception("unexpected error")
         return _error_response("Something went wrong on our side; the error was logged.", 500, "internal")
-

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 import model_store
 from model_store import ModelStoreError
@@ -30,6 +31,7 @@ def _sidecar_metrics(model_path: Path) -> dict:
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command() -> None:
     """Create the database tables (safe to run again)."""
     model_store.init_db()
@@ -37,13 +39,18 @@ def init_db_command() -> None:
 
 
 @click.command("import-model")
+@with_appcontext
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", help="registry name (default: from metrics.json, else the file name)")
 @click.option("--classes", help="comma-separated class names in output order (default: metrics.json, else CIFAR-10)")
 @click.option("--input-scale", type=click.Choice(["unit", "raw", "symmetric"]), help="pixel scaling the model expects")
 @click.option("--output-kind", type=click.Choice(["logits", "probabilities"]), help="what the last layer gives")
-@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="metrics JSON to store (default: metrics.json beside the model)")  # fmt: skip
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="metrics JSON to store (default: metrics.json beside the model)",
+)
 @click.option("--activate", is_flag=True, help="make it the active model")
 @click.option("--if-empty", is_flag=True, help="only import when the registry has no model yet")
 def import_model_command(path, name, classes, input_scale, output_kind, metrics_path, activate, if_empty) -> None:
@@ -57,9 +64,14 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
     class_names = [c.strip() for c in classes.split(",")] if classes else None
     try:
         row = model_store.import_model(
-            path, name=name, class_names=class_names, metrics=metrics,
-            input_scale=input_scale, output_kind=output_kind, activate=activate,
-        )  # fmt: skip
+            path,
+            name=name,
+            class_names=class_names,
+            metrics=metrics,
+            input_scale=input_scale,
+            output_kind=output_kind,
+            activate=activate,
+        )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
     state = "active" if row.is_active else "inactive"
@@ -67,13 +79,16 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
 
 
 @click.command("models")
+@with_appcontext
 def models_command() -> None:
     """List the registry."""
     rows = model_store.list_models()
     if not rows:
         click.echo("no models; import one with `flask --app app import-model PATH`")
         return
-    header = f"{'id':>4}  {'name':<20} {'ver':>4}  {'created':<16}  {'classes':>7}  {'accuracy':>8}  {'size':>8}  active"
+    header = (
+        f"{'id':>4}  {'name':<20} {'ver':>4}  {'created':<16}  {'classes':>7}  {'accuracy':>8}  {'size':>8}  active"
+    )
     click.echo(header)
     for row in rows:
         accuracy = row.metrics.get("test_accuracy")
@@ -85,6 +100,7 @@ def models_command() -> None:
 
 
 @click.command("activate")
+@with_appcontext
 @click.argument("model_id", type=int)
 def activate_command(model_id: int) -> None:
     """Make a version the active one; running servers pick it up without a restart."""
@@ -96,6 +112,7 @@ def activate_command(model_id: int) -> None:
 
 
 @click.command("export")
+@with_appcontext
 @click.argument("model_id", type=int)
 @click.argument("path", type=click.Path(path_type=Path))
 def export_command(model_id: int, path: Path) -> None:
@@ -110,6 +127,7 @@ def export_command(model_id: int, path: Path) -> None:
 
 
 @click.command("delete")
+@with_appcontext
 @click.argument("model_id", type=int)
 def delete_command(model_id: int) -> None:
     """Delete an inactive version."""
@@ -121,6 +139,7 @@ def delete_command(model_id: int) -> None:
 
 
 @click.command("check-db")
+@with_appcontext
 def check_db_command() -> None:
     """Verify every stored model's BLOB against its sha256; exit 1 if any is corrupt."""
     bad = 0
@@ -138,6 +157,7 @@ def check_db_command() -> None:
 
 
 @click.command("predict")
+@with_appcontext
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 def predict_command(images: tuple[Path, ...], top_k: int) -> None:
@@ -160,7 +180,13 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
     for command in (
-        init_db_command, import_model_command, models_command, activate_command,
-        export_command, delete_command, check_db_command, predict_command,
-    ):  # fmt: skip
+        init_db_command,
+        import_model_command,
+        models_command,
+        activate_command,
+        export_command,
+        delete_command,
+        check_db_command,
+        predict_command,
+    ):
         app.cli.add_command(command)

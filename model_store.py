@@ -178,8 +178,7 @@ def import_model(
         raise ModelStoreError("class names must be unique and non-empty")
     if described["output_width"] != len(names):
         raise ModelStoreError(
-            f"{path.name}: the model has {described['output_width']} outputs but "
-            f"{len(names)} class names were given"
+            f"{path.name}: the model has {described['output_width']} outputs but {len(names)} class names were given"
         )
     row = ModelVersion(
         name=name or metrics.get("name") or path.stem,
@@ -191,8 +190,9 @@ def import_model(
         class_names=names,
         input_shape=described["input_shape"],
         input_scale=_check_choice(input_scale or metrics.get("input_scale", "unit"), INPUT_SCALES, "input scale"),
-        output_kind=_check_choice(output_kind or metrics.get("output_kind", described["output_kind"]),
-                                  OUTPUT_KINDS, "output kind"),  # fmt: skip
+        output_kind=_check_choice(
+            output_kind or metrics.get("output_kind", described["output_kind"]), OUTPUT_KINDS, "output kind"
+        ),
         tta=_check_choice(tta or metrics.get("tta", "none"), TTA_MODES, "test-time augmentation"),
         metrics=metrics,
         created_at=datetime.now(UTC),

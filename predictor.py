@@ -50,8 +50,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise ImageError(
-                "The file is not an image this service reads "
-                f"(accepted: {', '.join(ACCEPTED_FORMATS)}).",
+                f"The file is not an image this service reads (accepted: {', '.join(ACCEPTED_FORMATS)}).",
                 415,
                 "unsupported_media_type",
             ) from exc

@@ -35,8 +35,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 # Defaults per architecture; the strong defaults reproduce the shipped model.
 ARCH_DEFAULTS = {
-    "strong": {"epochs": 24, "batch_size": 512, "learning_rate": 0.4, "weight_decay": 5e-4,
-               "precision": "mixed_bfloat16"},
+    "strong": {
+        "epochs": 24,
+        "batch_size": 512,
+        "learning_rate": 0.4,
+        "weight_decay": 5e-4,
+        "precision": "mixed_bfloat16",
+    },
     "seed": {"epochs": 50, "batch_size": 32, "learning_rate": 0.001, "weight_decay": 0.0, "precision": "float32"},
 }
 STRONG_WIDTHS = (64, 256, 256)
@@ -113,7 +118,9 @@ def read_image_folder(source: Path, image_size: int) -> tuple[tuple[str, ...], d
     splits = {}
     for split, items in samples.items():
         items = [(label, image) for label, image in items if label in index]
-        images = np.stack([image for _, image in items]) if items else np.zeros((0, image_size, image_size, 3), np.uint8)
+        images = (
+            np.stack([image for _, image in items]) if items else np.zeros((0, image_size, image_size, 3), np.uint8)
+        )
         splits[split] = (images, np.array([index[label] for label, _ in items], np.int64))
     return class_names, splits
 
@@ -134,7 +141,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         rng.shuffle(members)
-        cut = int(round(len(members) * fraction))
+        cut = round(len(members) * fraction)
         val_idx.append(members[:cut])
         train_idx.append(members[cut:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
@@ -159,9 +166,16 @@ def load_dataset(data: str | None, image_size: int, val_fraction: float, seed: i
         x_test, y_test = x_all[val_idx], y_all[val_idx]
         source += " (no test split: validation images used as test)"
     return Dataset(
-        class_names, x_all[train_idx], y_all[train_idx], x_all[val_idx], y_all[val_idx],
-        x_test, y_test, source, sha,
-    )  # fmt: skip
+        class_names,
+        x_all[train_idx],
+        y_all[train_idx],
+        x_all[val_idx],
+        y_all[val_idx],
+        x_test,
+        y_test,
+        source,
+        sha,
+    )
 
 
 # ---------------------------------------------------------------- models
@@ -243,7 +257,7 @@ def build_model(arch: str, input_shape, num_classes: int, train_images=None):
 # ---------------------------------------------------------------- input pipeline
 
 
-def make_dataset(images, labels, num_classes, batch_size, *, training, augment, seed, padding=4):
+def make_dataset(images, labels, num_classes, batch_size, *, training, augment, seed, padding=4, whole_batches=False):
     """A tf.data pipeline: uint8 images to [0, 1] floats; random crop and flip when augmenting.
 
     The strong recipe (augment=True) takes one-hot labels, which label smoothing needs; the
@@ -263,7 +277,7 @@ def make_dataset(images, labels, num_classes, batch_size, *, training, augment, 
     if training:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size, drop_remainder=training or whole_batches).prefetch(tf.data.AUTOTUNE)
 
 
 def make_strategy(name: str, logical_cpus: int):
@@ -299,8 +313,11 @@ class RemainingTime(keras.callbacks.Callback):
         remaining = elapsed / (epoch + 1) * (self.epochs - epoch - 1)
         val = (logs or {}).get("val_accuracy")
         val_text = f", val_accuracy {val:.4f}" if val is not None else ""
-        print(f"epoch {epoch + 1}/{self.epochs}: elapsed {elapsed / 60:.1f} min, "
-              f"about {remaining / 60:.1f} min left{val_text}", flush=True)  # fmt: skip
+        print(
+            f"epoch {epoch + 1}/{self.epochs}: elapsed {elapsed / 60:.1f} min, "
+            f"about {remaining / 60:.1f} min left{val_text}",
+            flush=True,
+        )
 
 
 def compile_model(model, arch: str, settings: dict, steps_per_epoch: int):
@@ -361,18 +378,20 @@ def measure_inference(predictor: Predictor, batch: int = 64, repeats: int = 20) 
 def evaluate_predictor(predictor: Predictor, images: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class, columns: predicted)."""
     names = predictor.spec.class_names
-    predicted = np.concatenate(
-        [predictor.predict_arrays(images[i : i + 500]).argmax(axis=1) for i in range(0, len(images), 500)]
-    ) if len(images) else np.zeros(0, np.int64)  # fmt: skip
+    predicted = (
+        np.concatenate(
+            [predictor.predict_arrays(images[i : i + 500]).argmax(axis=1) for i in range(0, len(images), 500)]
+        )
+        if len(images)
+        else np.zeros(0, np.int64)
+    )
     confusion = np.zeros((len(names), len(names)), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     totals = confusion.sum(axis=1)
-    per_class = {
-        name: (float(confusion[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(names)
-    }
+    per_class = {name: (float(confusion[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(names)}
     return {
         "accuracy": float(np.trace(confusion) / max(1, len(labels))),
-        "images": int(len(labels)),
+        "images": len(labels),
         "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
     }
@@ -416,6 +435,14 @@ def _print_summary(metrics: dict) -> None:
 
 def train(args) -> dict:
     """Train, save the model, its metrics and report; returns the metrics."""
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        return _train(args)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(args) -> dict:
     started = time.monotonic()
     keras.utils.set_random_seed(args.seed)
     strategy = make_strategy(args.distribute, args.logical_cpus)
@@ -430,9 +457,23 @@ def train(args) -> dict:
     )
     settings = {key: getattr(args, key) for key in ARCH_DEFAULTS[args.arch]}
     augment = args.arch == "strong"
-    train_data = make_dataset(dataset.x_train, dataset.y_train, num_classes, args.batch_size,
-                              training=True, augment=augment, seed=args.seed)  # fmt: skip
-    val_data = make_dataset(dataset.x_val, dataset.y_val, num_classes, 1000, training=False, augment=False, seed=0)
+    train_data = make_dataset(
+        dataset.x_train, dataset.y_train, num_classes, args.batch_size, training=True, augment=augment, seed=args.seed
+    )
+    replicas = strategy.num_replicas_in_sync
+    # Keras fails on a validation batch that splits unevenly over replicas; with several replicas
+    # the batch is a multiple of their number and up to replicas - 1 images are left out.
+    val_batch = max(replicas, min(1000, len(dataset.x_val)) // replicas * replicas)
+    val_data = make_dataset(
+        dataset.x_val,
+        dataset.y_val,
+        num_classes,
+        val_batch,
+        training=False,
+        augment=False,
+        seed=0,
+        whole_batches=replicas > 1,
+    )
     if augment:
         val_data = val_data.map(lambda image, label: (image, tf.one_hot(label, num_classes)))
     steps = len(dataset.x_train) // args.batch_size
@@ -440,9 +481,12 @@ def train(args) -> dict:
         model = build_model(args.arch, input_shape, num_classes, dataset.x_train)
         compile_model(model, args.arch, settings, steps)
     history = model.fit(
-        train_data, epochs=args.epochs, validation_data=val_data if len(dataset.x_val) else None,
-        verbose=args.verbose, callbacks=[RemainingTime(args.epochs)],
-    )  # fmt: skip
+        train_data,
+        epochs=args.epochs,
+        validation_data=val_data if len(dataset.x_val) else None,
+        verbose=args.verbose,
+        callbacks=[RemainingTime(args.epochs)],
+    )
     train_seconds = time.monotonic() - started
     model = to_float32(model, args.arch, dataset)
     spec = ModelSpec(dataset.class_names, tuple(input_shape), "unit", "logits", "flip" if augment else "none")
@@ -499,8 +543,8 @@ def train(args) -> dict:
 
 def import_trained(model_path: Path, metrics: dict, name: str) -> None:
     """Store a trained model in the app's registry with its metrics, and activate it."""
-    from app import create_app
     import model_store
+    from app import create_app
 
     app = create_app()
     with app.app_context():
@@ -515,8 +559,13 @@ def read_spec(model_path: Path, model) -> ModelSpec:
     metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
     input_shape = tuple(int(v) for v in model.input_shape[1:])
     classes = tuple(metrics.get("class_names", CIFAR10_CLASSES))
-    return ModelSpec(classes, input_shape, metrics.get("input_scale", "unit"),
-                     metrics.get("output_kind", "logits"), metrics.get("tta", "none"))  # fmt: skip
+    return ModelSpec(
+        classes,
+        input_shape,
+        metrics.get("input_scale", "unit"),
+        metrics.get("output_kind", "logits"),
+        metrics.get("tta", "none"),
+    )
 
 
 def evaluate(args) -> dict:
@@ -549,7 +598,9 @@ def parse_args(argv: list[str]):
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="train.py", description="Train a CIFAR-10 (or image-folder) classifier.")
     parser.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="strong")
-    parser.add_argument("--data", help="image-folder archive or folder (default: Keras' CIFAR-10 cache, else ../shared/data)")
+    parser.add_argument(
+        "--data", help="image-folder archive or folder (default: Keras' CIFAR-10 cache, else ../shared/data)"
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch size, split across replicas")
     parser.add_argument("--learning-rate", type=float)

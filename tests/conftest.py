@@ -12,8 +12,8 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import model_store  # noqa: E402
-from app import create_app  # noqa: E402
+import model_store
+from app import create_app
 
 CIFAR10 = list(model_store.CIFAR10_CLASSES)
 

@@ -139,7 +139,9 @@ def test_predictor_matches_keras_and_flip_tta_averages_logits():
 def test_probability_outputs_are_not_softmaxed_twice():
     import keras
 
-    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    )
     images = np.random.default_rng(1).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     spec = ModelSpec(("a", "b", "c"), (4, 4, 3), output_kind="probabilities")
     expected = np.asarray(model(images.astype("float32") / 255.0))

@@ -1,0 +1,46 @@
+# Set-up, serving, tests and training. `make run` and `make test` work on a fresh clone.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+FLASK   := $(VENV)/bin/flask --app app
+HOST    ?= 127.0.0.1
+PORT    ?= 5000
+DEFAULT_MODEL := models/default/model.h5
+
+.PHONY: install db run test lint train evaluate clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+## db: create the database and import the shipped model when the registry is empty
+db: install
+	$(FLASK) init-db
+	$(FLASK) import-model $(DEFAULT_MODEL) --name cifar10-default --if-empty
+
+## run: serve the app with the shipped model on http://$(HOST):$(PORT) (development server)
+run: db
+	$(FLASK) run --host $(HOST) --port $(PORT)
+
+## test: lint, then the test suite
+test: lint
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## train: retrain the shipped model with train.py's defaults (about 35 minutes on 2 CPU cores)
+train: install
+	$(PY) train.py --out models/default --verbose 2
+
+## evaluate: evaluate the shipped model on the CIFAR-10 test split
+evaluate: install
+	$(PY) train.py evaluate $(DEFAULT_MODEL) --out instance/evaluation
+
+clean:
+	rm -rf $(VENV) instance

@@ -1,0 +1,102 @@
+"""Every `flask` command, through the real CLI runner, database and model files."""
+
+import json
+
+import model_store
+from tests.conftest import image_bytes, random_image_bytes
+
+
+def test_init_db_is_idempotent(runner):
+    result = runner.invoke(args=["init-db"])
+    assert result.exit_code == 0 and "database ready" in result.output
+
+
+def test_import_list_activate_export_delete(app, runner, other_model_file, tmp_path):
+    result = runner.invoke(args=["import-model", str(other_model_file), "--name", "other"])
+    assert result.exit_code == 0 and "other v1 (inactive" in result.output
+    listing = runner.invoke(args=["models"]).output
+    assert "seed" in listing and "other" in listing
+    with app.app_context():
+        other_id = next(r.id for r in model_store.list_models() if r.name == "other")
+    assert runner.invoke(args=["activate", str(other_id)]).exit_code == 0
+    with app.app_context():
+        assert model_store.get_active().id == other_id
+    out = tmp_path / "exported.h5"
+    assert runner.invoke(args=["export", str(other_id), str(out)]).exit_code == 0
+    assert out.read_bytes() == other_model_file.read_bytes()
+    refused = runner.invoke(args=["delete", str(other_id)])
+    assert refused.exit_code == 1 and "active model" in refused.output
+    seed_id = next(i for i in (1, 2) if i != other_id)
+    assert runner.invoke(args=["delete", str(seed_id)]).exit_code == 0
+    with app.app_context():
+        assert [r.id for r in model_store.list_models()] == [other_id]
+
+
+def test_import_reads_classes_flag_and_metrics_sidecar(app, runner, three_class_model_file, tmp_path):
+    result = runner.invoke(
+        args=["import-model", str(three_class_model_file), "--classes", "cat, dog ,cow", "--activate"]
+    )
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert model_store.get_active().class_names == ["cat", "dog", "cow"]
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "model.keras").write_bytes(three_class_model_file.read_bytes())
+    (trained / "metrics.json").write_text(json.dumps({"class_names": ["x", "y", "z"], "test_accuracy": 0.9}))
+    assert runner.invoke(args=["import-model", str(trained / "model.keras"), "--name", "t"]).exit_code == 0
+    with app.app_context():
+        row = next(r for r in model_store.list_models() if r.name == "t")
+        assert row.class_names == ["x", "y", "z"] and row.metrics["test_accuracy"] == 0.9
+
+
+def test_import_refusals_exit_non_zero_and_store_nothing(app, runner, tmp_path, seed_model_file):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("nope")
+    for args in (
+        ["import-model", str(bad)],
+        ["import-model", str(tmp_path / "missing.h5")],
+        ["import-model", str(seed_model_file), "--classes", "a,b"],
+    ):
+        result = runner.invoke(args=args)
+        assert result.exit_code != 0 and "Error" in result.output
+    with app.app_context():
+        assert len(model_store.list_models()) == 1
+
+
+def test_import_if_empty_skips_a_filled_registry(app, runner, seed_model_file):
+    result = runner.invoke(args=["import-model", str(seed_model_file), "--if-empty"])
+    assert result.exit_code == 0 and "nothing imported" in result.output
+    with app.app_context():
+        assert len(model_store.list_models()) == 1
+
+
+def test_unknown_ids_fail_clearly(runner, tmp_path):
+    for args in (["activate", "42"], ["export", "42", str(tmp_path / "x.h5")], ["delete", "42"]):
+        result = runner.invoke(args=args)
+        assert result.exit_code == 1 and "no model with id 42" in result.output
+
+
+def test_predict_prints_top_classes(runner, tmp_path):
+    good = tmp_path / "photo.jpg"
+    good.write_bytes(image_bytes())
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(random_image_bytes())
+    result = runner.invoke(args=["predict", "--top-k", "2", str(good), str(noise)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("model 1: seed v1")
+    assert lines[1].startswith(f"{good}: ") and lines[1].count("%") == 2
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("text")
+    failed = runner.invoke(args=["predict", str(broken)])
+    assert failed.exit_code == 1 and "not an image" in failed.output
+
+
+def test_check_db_finds_a_corrupt_blob(app, runner):
+    assert runner.invoke(args=["check-db"]).exit_code == 0
+    with app.app_context():
+        row = model_store.get_active()
+        row.blob = b"x" + row.blob[1:]
+        model_store.db.session.commit()
+    result = runner.invoke(args=["check-db"])
+    assert result.exit_code == 1 and "CORRUPT" in result.output
