@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 5000
 DEFAULT_MODEL := models/default/model.h5
 
-.PHONY: install db run test lint train evaluate clean
+.PHONY: install db run serve test lint train evaluate bench soak clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ db: install
 ## run: serve the app with the shipped model on http://$(HOST):$(PORT) (development server)
 run: db
 	$(FLASK) run --host $(HOST) --port $(PORT)
+
+## serve: the production server (gunicorn; WEB_WORKERS, WEB_THREADS, HOST, PORT in gunicorn.conf.py)
+serve: db
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+
+## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json
+bench: install
+	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL)
 
 ## test: lint, then the test suite
 test: lint

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our own messages
 
-from flask import Flask, Response, abort, current_app, jsonify, render_template, request
+from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from sqlalchemy import event
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import model_store
+import monitoring
 import reports
 from model_store import ModelStoreError, db
 from predictor import DEFAULT_MAX_PIXELS, ImageError
-from serving import LoadedModel, ModelHolder, Upload, classify, clean_filename
+from serving import BatchingConfig, LoadedModel, ModelHolder, Upload, classify, clean_filename
 
 csrf = CSRFProtect()
 
@@ -25,6 +28,9 @@ DEFAULTS = {
     "MAX_IMAGES_PER_REQUEST": 64,
     "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
     "MODEL_POLL_SECONDS": 1.0,
+    "BATCHING_ENABLED": False,
+    "BATCH_MAX_SIZE": 64,
+    "BATCH_MAX_WAIT_MS": 2.0,
     "SQLALCHEMY_ENGINE_OPTIONS": {},
 }
 
@@ -72,16 +78,50 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     db.init_app(app)
     csrf.init_app(app)
-    app.extensions["model_holder"] = ModelHolder(Path(app.config["MODEL_CACHE_DIR"]), app.config["MODEL_POLL_SECONDS"])
+    batching = BatchingConfig(
+        bool(app.config["BATCHING_ENABLED"]), int(app.config["BATCH_MAX_SIZE"]), float(app.config["BATCH_MAX_WAIT_MS"])
+    )
+    app.extensions["model_holder"] = ModelHolder(
+        Path(app.config["MODEL_CACHE_DIR"]), float(app.config["MODEL_POLL_SECONDS"]), batching
+    )
+    with app.app_context():
+        _tune_sqlite(db.engine)
 
     register_routes(app)
     register_errors(app)
+    app.before_request(_start_timer)
+    app.after_request(_record_request)
     app.after_request(_security_headers)
 
     from cli import register_commands
 
     register_commands(app)
     return app
+
+
+def _tune_sqlite(engine) -> None:
+    """WAL and a busy timeout, so several workers read and write without "database is locked"."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def set_pragmas(connection, _record):
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+
+def _start_timer() -> None:
+    g.started = time.perf_counter()
+
+
+def _record_request(response):
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    monitoring.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    if "started" in g:
+        monitoring.LATENCY.labels(route).observe(time.perf_counter() - g.started)
+    return response
 
 
 def holder() -> ModelHolder:
@@ -210,6 +250,11 @@ def register_routes(app: Flask) -> None:
         else:
             abort(404)
         return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/metrics")
+    def metrics():
+        body, content_type = monitoring.exposition()
+        return Response(body, content_type=content_type)
 
     @app.get("/healthz")
     def healthz():

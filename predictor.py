@@ -202,10 +202,7 @@ class Predictor:
             outputs = (outputs[:half] + outputs[half:]) / 2
         return softmax(outputs).astype(np.float32)
 
-    def predict(self, images: np.ndarray) -> list[Prediction]:
-        """Ranked predictions for a uint8 batch."""
-        names = self.spec.class_names
-        return [
-            Prediction({name: float(p) for name, p in zip(names, row, strict=True)})
-            for row in self.predict_arrays(images)
-        ]
+
+def to_predictions(class_names: tuple[str, ...], rows: np.ndarray) -> list[Prediction]:
+    """One ranked Prediction per row of probabilities."""
+    return [Prediction({name: float(p) for name, p in zip(class_names, row, strict=True)}) for row in rows]

@@ -16,10 +16,21 @@ import numpy as np
 from sqlalchemy import select
 
 import model_store
+import monitoring
+from batching import MicroBatcher
 from model_store import ModelStoreError, ModelVersion, db
-from predictor import ImageError, ModelSpec, Prediction, Predictor, load_image
+from predictor import ImageError, ModelSpec, Prediction, Predictor, load_image, to_predictions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching of concurrent requests; `enabled=False` calls the model per request."""
+
+    enabled: bool = False
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class LoadedModel:
     version: int
     sha256: str
     predictor: Predictor
+    batcher: MicroBatcher | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -39,15 +51,34 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "sha256": self.sha256}
 
+    def predict(self, images: np.ndarray) -> list[Prediction]:
+        """Ranked predictions for a uint8 batch, through the batcher when there is one."""
+        if self.batcher is not None:
+            rows = self.batcher(images)
+        else:
+            monitoring.BATCH_SIZE.observe(len(images))
+            rows = self.predictor.predict_arrays(images)
+        monitoring.IMAGES.inc(len(images))
+        return to_predictions(self.class_names, rows)
 
-def load_version(row: ModelVersion, directory: Path) -> LoadedModel:
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def load_version(row: ModelVersion, directory: Path, batching: BatchingConfig = BatchingConfig()) -> LoadedModel:
     """Rehydrate a registry row to a file, load it in safe mode, warm it up."""
     path = model_store.rehydrate(row, directory)
     model = model_store.load_keras_model(path)
     spec = ModelSpec(tuple(row.class_names), tuple(row.input_shape), row.input_scale, row.output_kind, row.tta)
     predictor = Predictor(model, spec)
     predictor.warm_up()
-    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor)
+    batcher = None
+    if batching.enabled:
+        batcher = MicroBatcher(
+            predictor.predict_arrays, batching.max_batch, batching.max_wait_ms, monitoring.BATCH_SIZE.observe
+        )
+    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, batcher)
 
 
 class ModelHolder:
@@ -58,9 +89,10 @@ class ModelHolder:
     (`error`) while the last good model keeps serving.
     """
 
-    def __init__(self, directory: Path, poll_seconds: float = 1.0):
+    def __init__(self, directory: Path, poll_seconds: float = 1.0, batching: BatchingConfig = BatchingConfig()):
         self.directory = directory
         self.poll_seconds = poll_seconds
+        self.batching = batching
         self.error: str | None = None
         self._loaded: LoadedModel | None = None
         self._failed_sha: str | None = None
@@ -69,7 +101,7 @@ class ModelHolder:
 
     def current(self) -> LoadedModel | None:
         """The model to answer with now (refreshing from the registry when due)."""
-        if time.monotonic() - self._checked_at >= self.poll_seconds:
+        if self._loaded is None or time.monotonic() - self._checked_at >= self.poll_seconds:
             self.refresh()
         return self._loaded
 
@@ -101,7 +133,7 @@ class ModelHolder:
 
     def _load(self, model_id: int, sha: str) -> None:
         try:
-            loaded = load_version(db.session.get(ModelVersion, model_id), self.directory)
+            loaded = load_version(db.session.get(ModelVersion, model_id), self.directory, self.batching)
         except ModelStoreError as exc:
             self._failed_sha = sha
             self.error = f"the active model (id {model_id}) cannot be served: {exc}"
@@ -109,7 +141,10 @@ class ModelHolder:
             return
         finally:
             db.session.rollback()
-        self._loaded = loaded
+        previous, self._loaded = self._loaded, loaded
+        if previous is not None:
+            previous.close()  # requests still holding it finish on it; new ones use `loaded`
+        monitoring.model_switched(previous, loaded)
         self._failed_sha = None
         self.error = None
         log.info("serving model %s (%s v%s)", loaded.id, loaded.name, loaded.version)
@@ -145,5 +180,5 @@ def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int) -> tup
     """Predictions for the uploads in one model call, and the time taken in milliseconds."""
     started = time.perf_counter()
     batch = decode_uploads(uploads, loaded.predictor.spec, max_pixels)
-    predictions = loaded.predictor.predict(batch)
+    predictions = loaded.predict(batch)
     return predictions, (time.perf_counter() - started) * 1000

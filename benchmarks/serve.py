@@ -1,0 +1,329 @@
+"""Serving benchmark: the production server (gunicorn) on a free local port with a given model.
+
+Measures, in one run on one machine:
+  1. single small-image requests: requests/s, p50/p99 latency at concurrency 1 and 8;
+  2. the same with a 12-megapixel JPEG photo made here;
+  3. batch requests of 64 images: images/s;
+  4. the model's own in-process rate at batch 64, and the ratio of 3 to it;
+  5. the seed's way (save the upload, load the model file, predict) with the same model file,
+     and the ratio of 1 (concurrency 8) to it;
+  6. memory (RSS) per worker and the server's start-up time to its first answer;
+plus concurrency 8 with dynamic batching on, to decide whether batching helps here.
+Prints a table and writes a JSON of the figures.
+
+    python benchmarks/serve.py --model models/default/model.h5 [--seconds 8] [--out benchmarks/results/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def jpeg_bytes(size: tuple[int, int], seed: int = 0, quality: int = 90) -> bytes:
+    """A JPEG with smooth random content (photo-like enough for the decoder's work)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, size[1] // 64), max(2, size[0] // 64), 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
+
+    def __init__(self, instance: Path, workers: int, threads: int, batching: bool):
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update(
+            INSTANCE_PATH=str(instance),
+            PORT=str(self.port),
+            WEB_WORKERS=str(workers),
+            WEB_THREADS=str(threads),
+            FLASK_BATCHING_ENABLED="true" if batching else "false",
+            PROMETHEUS_MULTIPROC_DIR=str(instance / "prometheus"),
+        )
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.startup_s = self._wait_ready(started)
+
+    def _wait_ready(self, started: float, timeout: float = 120) -> float:
+        while time.perf_counter() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError("gunicorn exited: " + self.process.stderr.read().decode()[-2000:])
+            try:
+                status, _ = request(self.port, "GET", "/healthz")
+                if status == 200:
+                    return time.perf_counter() - started
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("gunicorn did not become ready")
+
+    def worker_rss_mb(self) -> list[float]:
+        sizes = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.process.pid:
+                    status = (stat.parent / "status").read_text()
+                    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+                    sizes.append(kb / 1024)
+            except (OSError, ValueError, StopIteration):
+                continue
+        return sizes
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    connection: http.client.HTTPConnection | None = None,
+):
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": content_type} if content_type else {}
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    if connection is None:
+        conn.close()
+    return response.status, data
+
+
+def load(port: int, body: bytes, content_type: str, concurrency: int, seconds: float) -> dict:
+    """Closed-loop load: `concurrency` clients send requests back to back for `seconds`."""
+    latencies: list[float] = []
+    errors = []
+    deadline = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = []
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status, _ = request(port, "POST", "/api/v1/predict", body, content_type, conn)
+            mine.append(time.perf_counter() - started)
+            if status != 200:
+                errors.append(status)
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
+    }
+
+
+def in_process_rate(model_path: Path, batch: int = 64, seconds: float = 5.0) -> float:
+    """The model's own images/s at batch 64 through the serving Predictor (TTA included)."""
+    import model_store
+    from app import create_app
+    from serving import load_version
+
+    app = create_app()
+    with app.app_context():
+        loaded = load_version(model_store.get_active(), Path(app.config["MODEL_CACHE_DIR"]))
+    height, width, _ = loaded.predictor.spec.input_shape
+    images = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    loaded.predictor.predict_arrays(images)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        loaded.predictor.predict_arrays(images)
+        count += batch
+    return count / (time.perf_counter() - started)
+
+
+def seed_way_rate(model_path: Path, image: bytes, repeats: int = 10) -> float:
+    """Requests/s the seed's way: save the upload, load_model, preprocess, model.predict, per request."""
+    import keras
+
+    timings = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            upload = Path(scratch) / "upload.jpg"
+            upload.write_bytes(image)
+            model = keras.saving.load_model(model_path, compile=False)
+            pixels = np.asarray(Image.open(upload).convert("RGB").resize((32, 32)), np.float32) / 255.0
+            model.predict(pixels[None], verbose=0)
+            timings.append(time.perf_counter() - started)
+    return 1 / statistics.mean(timings[1:])  # the first call also pays Python imports
+
+
+def prepare_instance(model_path: Path) -> Path:
+    instance = Path(tempfile.mkdtemp(prefix="bench-instance-"))
+    os.environ["INSTANCE_PATH"] = str(instance)
+    import model_store
+    from app import create_app
+
+    app = create_app()
+    with app.app_context():
+        model_store.init_db()
+        sidecar = model_path.with_name("metrics.json")
+        metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        model_store.import_model(model_path, name="bench", metrics=metrics, activate=True)
+    return instance
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models/default/model.h5")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_WORKERS", "2")))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("WEB_THREADS", "4")))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
+    args = parser.parse_args()
+
+    instance = prepare_instance(args.model)
+    small = jpeg_bytes((32, 32))
+    photo = jpeg_bytes((4000, 3000), seed=1)
+    batch_body, batch_type = multipart([(f"{i}.jpg", jpeg_bytes((32, 32), seed=i)) for i in range(64)])
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}",
+        "model": str(args.model),
+        "workers": args.workers,
+        "threads": args.threads,
+        "photo_bytes": len(photo),
+    }
+
+    cold = Server(instance, args.workers, args.threads, batching=False)
+    results["startup_cold_s"] = round(cold.startup_s, 2)
+    cold.stop()
+    server = Server(instance, args.workers, args.threads, batching=False)
+    results["startup_warm_s"] = round(server.startup_s, 2)
+    try:
+        for name, body in (("small", small), ("photo12mp", photo)):
+            for concurrency in (1, 8):
+                results[f"{name}_c{concurrency}"] = load(server.port, body, "image/jpeg", concurrency, args.seconds)
+        batch = load(server.port, batch_body, batch_type, 2, args.seconds)
+        batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
+        results["batch64_c2"] = batch
+        results["worker_rss_mb"] = [round(v, 1) for v in server.worker_rss_mb()]
+    finally:
+        server.stop()
+
+    batched = Server(instance, args.workers, args.threads, batching=True)
+    try:
+        results["small_c8_batching"] = load(batched.port, small, "image/jpeg", 8, args.seconds)
+    finally:
+        batched.stop()
+
+    results["model_in_process_images_per_s"] = round(in_process_rate(args.model), 1)
+    results["seed_way_requests_per_s"] = round(seed_way_rate(args.model, small), 2)
+    results["ratio_batch_api_to_model"] = round(
+        results["batch64_c2"]["images_per_s"] / results["model_in_process_images_per_s"], 3
+    )
+    results["ratio_c8_to_seed_way"] = round(
+        results["small_c8"]["requests_per_s"] / results["seed_way_requests_per_s"], 1
+    )
+    results["batching_speedup_c8"] = round(
+        results["small_c8_batching"]["requests_per_s"] / results["small_c8"]["requests_per_s"], 3
+    )
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\nmachine: {results['machine']}; {results['workers']} workers x {results['threads']} threads")
+    print(f"{'scenario':<34} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    rows = [
+        ("1. small JPEG, concurrency 1", "small_c1"),
+        ("1. small JPEG, concurrency 8", "small_c8"),
+        ("   same, dynamic batching on", "small_c8_batching"),
+        ("2. 12 MP JPEG, concurrency 1", "photo12mp_c1"),
+        ("2. 12 MP JPEG, concurrency 8", "photo12mp_c8"),
+        ("3. batch of 64, concurrency 2", "batch64_c2"),
+    ]
+    for label, key in rows:
+        row = results[key]
+        images = row.get("images_per_s", row["requests_per_s"])
+        print(
+            f"{label:<34} {row['requests_per_s']:>8} {images:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} "
+            f"{row['errors']:>6}"
+        )
+    print(
+        f"4. model in-process, batch 64: {results['model_in_process_images_per_s']} img/s; "
+        f"batch API / model = {results['ratio_batch_api_to_model']:.0%}"
+    )
+    print(
+        f"5. seed's way: {results['seed_way_requests_per_s']} req/s; "
+        f"concurrency 8 / seed's way = {results['ratio_c8_to_seed_way']}x"
+    )
+    print(
+        f"6. worker RSS: {results['worker_rss_mb']} MB; start-up to first answer: "
+        f"{results['startup_cold_s']} s cold (rehydrating), {results['startup_warm_s']} s warm"
+    )
+    print(f"dynamic batching at concurrency 8: {results['batching_speedup_c8']}x the throughput without it")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

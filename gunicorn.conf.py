@@ -1,0 +1,39 @@
+"""gunicorn settings for `make serve`: threaded workers, each loading and warming the model once.
+
+Environment: HOST (127.0.0.1), PORT (8000), WEB_WORKERS (2), WEB_THREADS (4), WEB_TIMEOUT (60).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_WORKERS", "2"))
+threads = int(os.environ.get("WEB_THREADS", "4"))
+worker_class = "gthread"
+timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
+graceful_timeout = 30
+accesslog = os.environ.get("WEB_ACCESS_LOG") or None
+wsgi_app = "app:create_app()"
+
+# Prometheus' multi-process mode needs a folder shared by the workers, set before they import
+# prometheus_client; it is emptied at each start so old workers' samples do not linger.
+_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path("instance") / "prometheus")))
+
+
+def on_starting(server):
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
+def post_worker_init(worker):
+    """Load and warm up the active model before the worker takes traffic."""
+    app = worker.wsgi
+    with app.app_context():
+        app.extensions["model_holder"].refresh()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
