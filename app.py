@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chat
 
 from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from PIL import Image
 from sqlalchemy import event
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -74,6 +75,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _secret_key(instance_path)
     app.config.setdefault("MODEL_CACHE_DIR", str(instance_path / "models"))
+    # Pillow's own decompression-bomb guard, at the same limit as our header check.
+    Image.MAX_IMAGE_PIXELS = int(app.config["MAX_IMAGE_PIXELS"])
 
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     db.init_app(app)

@@ -54,12 +54,14 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                 415,
                 "unsupported_media_type",
             ) from exc
-        raise ImageError("The image has too many pixels.", 413, "too_many_pixels") from exc
+        raise ImageError(
+            f"The image has too many pixels: the limit is {max_pixels:,}.", 413, "too_many_pixels"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError("The image file is corrupt or truncated.", 400, "corrupt_image") from exc
     if image.width * image.height > max_pixels:
         raise ImageError(
-            f"The image has {image.width}x{image.height} pixels; the limit is {max_pixels:,} pixels.",
+            f"The image has too many pixels ({image.width}x{image.height}): the limit is {max_pixels:,}.",
             413,
             "too_many_pixels",
         )

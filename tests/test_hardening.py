@@ -1,0 +1,275 @@
+"""Hostile uploads, bad model files, integrity and concurrency: never a 500, nothing lost."""
+
+import io
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sqlalchemy import text, update
+
+import model_store
+from app import create_app
+from model_store import ModelStoreError, ModelVersion, db
+from predictor import softmax
+from tests.conftest import image_bytes, random_image_bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A PNG that claims 50,000 x 50,000 pixels in a few KB (a decompression bomb)."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    rows = zlib.compress(b"\x00" * (width * 3 + 1) * 2, 9)
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def truncated(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((128, 128), 50).convert("RGB").save(buffer, fmt)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+HOSTILE_FILES = {
+    "empty": ("empty.jpg", b"", 400),
+    "random-bytes": ("random.bin", bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), 415),
+    "text-named-jpg": ("notes.jpg", b"Dear diary, this is not a picture.\n" * 20, 415),
+    "truncated-jpeg": ("half.jpg", truncated("JPEG"), 400),
+    "truncated-png": ("half.png", truncated("PNG"), 400),
+    "svg": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', 415),
+    "pdf": ("x.pdf", b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF", 415),
+    "html": ("x.html", b"<!doctype html><script>alert(1)</script>", 415),
+    "png-50000x50000": ("bomb.png", huge_png(), 413),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_FILES, ids=list(HOSTILE_FILES))
+@pytest.mark.parametrize("route", ["/", "/api/v1/predict"])
+def test_hostile_files_get_a_clear_4xx_and_the_next_request_works(client, case, route):
+    name, data, status = HOSTILE_FILES[case]
+    response = client.post(route, data={"image": [(io.BytesIO(data), name)]}, content_type="multipart/form-data")
+    assert response.status_code == status
+    body = response.get_data(as_text=True)
+    assert "Traceback" not in body and name in body  # the message names the file at fault
+    follow_up = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
+    assert follow_up.status_code == 200
+
+
+def test_bomb_is_refused_before_any_large_allocation(client):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    response = client.post("/api/v1/predict", data=huge_png(), content_type="image/png")
+    assert response.status_code == 413 and "too many pixels" in response.get_json()["error"]["message"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: far below 7.5 GB
+
+
+def test_animated_gif_uses_its_first_frame(client):
+    response = client.post("/api/v1/predict", data=animated_gif(), content_type="image/gif")
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("../../etc/passwd.jpg", "passwd.jpg"), ("a\x00b.jpg", "ab.jpg"), ("x" * 300 + ".jpg", "x" * 100)],
+    ids=["dot-dot", "nul", "300-chars"],
+)
+def test_strange_file_names_are_cleaned_and_nothing_is_written(app, client, name, shown):
+    root = Path(app.root_path)
+    before = {p for p in root.rglob("*") if ".venv" not in p.parts and "__pycache__" not in p.parts}
+    response = client.post(
+        "/api/v1/predict", data={"image": [(io.BytesIO(image_bytes()), name)]}, content_type="multipart/form-data"
+    )
+    assert response.status_code == 200
+    assert response.get_json()["predictions"][0]["filename"] == shown
+    after = {p for p in root.rglob("*") if ".venv" not in p.parts and "__pycache__" not in p.parts}
+    new_files = [p for p in after - before if not p.is_relative_to(app.instance_path)]
+    assert new_files == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"data": b""}, 400),  # zero-byte body, no content type
+        ({"data": image_bytes()}, 415),  # an image without a content type
+        ({"data": image_bytes(), "content_type": "application/octet-stream"}, 415),
+        ({"data": {"other": (io.BytesIO(image_bytes()), "x.jpg")}, "content_type": "multipart/form-data"}, 400),
+        ({"data": b"", "content_type": "image/jpeg"}, 400),
+    ],
+    ids=["zero-byte", "no-content-type", "octet-stream", "missing-field", "empty-image-body"],
+)
+def test_wrong_or_missing_content_type_and_fields(client, kwargs, status):
+    response = client.post("/api/v1/predict", **kwargs)
+    assert response.status_code == status and response.get_json()["error"]["message"]
+
+
+def test_too_many_images_is_413(app, client):
+    app.config["MAX_IMAGES_PER_REQUEST"] = 2
+    files = [(io.BytesIO(image_bytes()), f"{i}.jpg") for i in range(3)]
+    response = client.post("/api/v1/predict", data={"image": files}, content_type="multipart/form-data")
+    assert response.status_code == 413 and "at most 2" in response.get_json()["error"]["message"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=4096))
+def test_arbitrary_bytes_never_cause_a_500(client, data):
+    response = client.post("/api/v1/predict", data=data, content_type="image/jpeg")
+    assert 200 <= response.status_code < 500
+    if response.status_code != 200:
+        assert response.get_json()["error"]["message"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    width=st.integers(1, 300),
+    height=st.integers(1, 300),
+    mode=st.sampled_from(["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "1"]),
+    fmt=st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_valid_image_gets_probabilities_summing_to_one(client, width, height, mode, fmt, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, fmt)
+    except (OSError, ValueError, KeyError):
+        return  # Pillow cannot write this mode in this format; nothing to upload
+    response = client.post("/api/v1/predict", data=buffer.getvalue(), content_type="image/" + fmt.lower())
+    assert response.status_code == 200, response.get_data(as_text=True)
+    probabilities = response.get_json()["predictions"][0]["probabilities"]
+    assert abs(sum(probabilities.values()) - 1) < 1e-4
+
+
+def test_secret_key_is_generated_in_the_instance_folder(tmp_path):
+    config = {"INSTANCE_PATH": str(tmp_path / "inst"), "SQLALCHEMY_DATABASE_URI": "sqlite://"}
+    first = create_app(dict(config))
+    key_file = tmp_path / "inst" / "secret_key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert first.secret_key == key_file.read_text().strip() and len(first.secret_key) == 64
+    assert create_app(dict(config)).secret_key == first.secret_key
+
+
+def test_no_web_route_changes_the_registry(app):
+    writes = {rule.rule for rule in app.url_map.iter_rules() if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}}
+    assert writes == {"/", "/api/v1/predict"}  # both only classify
+
+
+def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp_path):
+    path = tmp_path / "custom.h5"
+    path.write_bytes(seed_model_file.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        config = handle.attrs["model_config"]
+        config = config.decode() if isinstance(config, bytes) else config
+        handle.attrs["model_config"] = config.replace('"class_name": "Dense"', '"class_name": "Backdoor"')
+    with app.app_context():
+        before = [r.id for r in model_store.list_models()]
+        with pytest.raises(ModelStoreError, match="safe Keras model"):
+            model_store.import_model(path)
+        assert [r.id for r in model_store.list_models()] == before
+
+
+def _corrupt_and_activate(other_model_file) -> int:
+    """Store a model, break its BLOB and make it active behind the registry's back."""
+    other = model_store.import_model(other_model_file, name="broken")
+    db.session.execute(update(ModelVersion).values(is_active=False))
+    db.session.execute(update(ModelVersion).where(ModelVersion.id == other.id).values(is_active=True, blob=b"garbage"))
+    db.session.commit()
+    return other.id
+
+
+def test_corrupt_active_model_keeps_the_last_good_one_serving(app, client, other_model_file):
+    assert client.get("/healthz").status_code == 200
+    with app.app_context():
+        broken_id = _corrupt_and_activate(other_model_file)
+    response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
+    assert response.status_code == 200 and response.get_json()["model"]["name"] == "seed"
+    health = client.get("/healthz")
+    assert health.status_code == 503 and f"id {broken_id}" in health.get_json()["error"]
+    assert "corrupt" in client.get("/").get_data(as_text=True)
+    assert list(Path(app.config["MODEL_CACHE_DIR"]).glob("*.tmp*")) == []
+
+
+def test_corrupt_active_model_at_start_up_is_reported_not_crashed(app, other_model_file):
+    with app.app_context():
+        _corrupt_and_activate(other_model_file)
+    fresh = create_app({**app.config, "MODEL_CACHE_DIR": str(Path(app.instance_path) / "fresh-cache")})
+    client = fresh.test_client()
+    assert client.get("/healthz").status_code == 503
+    response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
+    assert response.status_code == 503 and "corrupt" in response.get_json()["error"]["message"]
+    assert "corrupt" in client.get("/").get_data(as_text=True)
+
+
+def test_concurrent_rehydration_is_atomic(app, tmp_path):
+    with app.app_context():
+        row = model_store.get_active()
+        blob = row.blob
+        with ThreadPoolExecutor(8) as pool:
+            paths = list(pool.map(lambda _: model_store.rehydrate(row, tmp_path / "cache"), range(16)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == blob
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [paths[0].name]
+
+
+def test_activation_during_requests_answers_with_one_whole_model(app, other_model_file, seed_model_file):
+    import keras
+
+    contents = [random_image_bytes(seed) for seed in range(4)]
+    pixels = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB"), np.float32)[None] / 255 for c in contents]
+    expected = {}
+    for name, path in (("seed", seed_model_file), ("other", other_model_file)):
+        model = keras.saving.load_model(path, compile=False)
+        expected[name] = [softmax(np.asarray(model(p)))[0] for p in pixels]
+    with app.app_context():
+        ids = {
+            "seed": model_store.get_active().id,
+            "other": model_store.import_model(other_model_file, name="other").id,
+        }
+    stop = threading.Event()
+
+    def switch():
+        with app.app_context():
+            while not stop.is_set():
+                for model_id in ids.values():
+                    model_store.activate(model_id)
+
+    switcher = threading.Thread(target=switch)
+    switcher.start()
+    client = app.test_client()
+    seen = set()
+    try:
+        for round_ in range(40):
+            index = round_ % len(contents)
+            response = client.post("/api/v1/predict", data=contents[index], content_type="image/png")
+            assert response.status_code == 200
+            body = response.get_json()
+            name = body["model"]["name"]
+            seen.add(name)
+            got = [body["predictions"][0]["probabilities"][c] for c in model_store.CIFAR10_CLASSES]
+            np.testing.assert_allclose(got, expected[name][index], atol=1e-5)
+    finally:
+        stop.set()
+        switcher.join()
+    assert seen == {"seed", "other"}
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
+    with app.app_context():
+        assert db.session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert db.session.execute(text("PRAGMA busy_timeout")).scalar() == 10000
