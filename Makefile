@@ -28,7 +28,7 @@ run: db
 
 ## serve: the production server (gunicorn; WEB_WORKERS, WEB_THREADS, HOST, PORT in gunicorn.conf.py)
 serve: db
-	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn -c gunicorn.conf.py
 
 ## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json
 bench: install

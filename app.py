@@ -327,6 +327,25 @@ def _error_response(message: str, status: int, code: str):
     return render_template("error.html", message=message, status_code=status, status=holder_status()), status
 
 
+def _discard_body(cap: int) -> None:
+    """Read and drop an unread request body of up to `cap` bytes.
+
+    A client still sending when the server answers 413 and closes sees a broken pipe, not the
+    answer; draining a moderately oversized body lets it read the 413. Larger bodies are not
+    drained: the server closes the connection instead.
+    """
+    length = request.content_length or 0
+    if length > cap:
+        return
+    stream = request.environ.get("wsgi.input")
+    remaining = length
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+
+
 def register_errors(app: Flask) -> None:
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError):
@@ -335,6 +354,7 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc):
         limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        _discard_body(4 * app.config["MAX_CONTENT_LENGTH"])
         return _error_response(f"The upload is too large: the limit is {limit_mb:g} MB per request.", 413, "too_large")
 
     @app.errorhandler(CSRFError)

@@ -83,6 +83,7 @@ class Server:
             WEB_THREADS=str(threads),
             FLASK_BATCHING_ENABLED="true" if batching else "false",
             PROMETHEUS_MULTIPROC_DIR=str(instance / "prometheus"),
+            MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"),
         )
         started = time.perf_counter()
         self.process = subprocess.Popen(
@@ -107,17 +108,26 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError("gunicorn did not become ready")
 
-    def worker_rss_mb(self) -> list[float]:
-        sizes = []
+    def worker_pids(self) -> list[int]:
+        """The gunicorn master's children, from /proc."""
+        pids = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.process.pid:
-                    status = (stat.parent / "status").read_text()
-                    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-                    sizes.append(kb / 1024)
-            except (OSError, ValueError, StopIteration):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    pids.append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
                 continue
+        return sorted(pids)
+
+    def worker_rss_mb(self) -> list[float]:
+        sizes = []
+        for pid in self.worker_pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+            sizes.append(round(kb / 1024, 1))
         return sizes
 
     def stop(self) -> None:
@@ -264,7 +274,7 @@ def main() -> int:
         batch = load(server.port, batch_body, batch_type, 2, args.seconds)
         batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
         results["batch64_c2"] = batch
-        results["worker_rss_mb"] = [round(v, 1) for v in server.worker_rss_mb()]
+        results["worker_rss_mb"] = server.worker_rss_mb()
     finally:
         server.stop()
 
