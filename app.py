@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our own messages
 
-from flask import Flask, Response, abort, current_app, g, jsonify, render_template, request
+from flask import Flask, Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, url_for
+from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from PIL import Image
 from sqlalchemy import event
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+import history
 import model_store
 import monitoring
 import reports
 from model_store import ModelStoreError, db
 from predictor import DEFAULT_MAX_PIXELS, ImageError
-from serving import BatchingConfig, LoadedModel, ModelHolder, Upload, classify, clean_filename
+from serving import BatchingConfig, Classification, LoadedModel, ModelHolder, Upload, classify, clean_filename
+
+THUMBNAIL_SIDE = 128
 
 csrf = CSRFProtect()
+migrate = Migrate()
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -32,6 +39,8 @@ DEFAULTS = {
     "BATCHING_ENABLED": False,
     "BATCH_MAX_SIZE": 64,
     "BATCH_MAX_WAIT_MS": 2.0,
+    "RECORD_HISTORY": True,
+    "KEEP_IMAGES": True,
     "SQLALCHEMY_ENGINE_OPTIONS": {},
 }
 
@@ -79,7 +88,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     Image.MAX_IMAGE_PIXELS = int(app.config["MAX_IMAGE_PIXELS"])
 
     app.json.sort_keys = False  # probabilities are listed ranked, best first
+    app.jinja_env.filters["jpeg_data_uri"] = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode()
     db.init_app(app)
+    migrate.init_app(app, db, directory=str(Path(__file__).resolve().parent / "migrations"))
     csrf.init_app(app)
     batching = BatchingConfig(
         bool(app.config["BATCHING_ENABLED"]), int(app.config["BATCH_MAX_SIZE"]), float(app.config["BATCH_MAX_WAIT_MS"])
@@ -187,13 +198,33 @@ def active_model() -> LoadedModel:
     return loaded
 
 
-def run_classification(uploads: list[Upload]):
+@dataclass(frozen=True)
+class Answer:
+    """A classified request: the model that answered, its result and the history ids."""
+
+    model: LoadedModel
+    result: Classification
+    prediction_ids: list[int | None]
+
+
+def run_classification(uploads: list[Upload], source: str, thumbnails: bool) -> Answer:
+    """Classify uploads with the active model and record them in the history when enabled."""
+    config = current_app.config
+    keep_images = bool(config["KEEP_IMAGES"])
+    side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
     loaded = active_model()
     try:
-        predictions, elapsed_ms = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+        result = classify(uploads, loaded, config["MAX_IMAGE_PIXELS"], side)
     except ImageError as exc:
         raise RequestError(exc.message, exc.status, exc.code) from exc
-    return loaded, predictions, elapsed_ms
+    ids: list[int | None] = [None] * len(uploads)
+    if config["RECORD_HISTORY"]:
+        items = [
+            history.Recorded(u.filename, u.data, p.top_class, p.top_probability, t if keep_images else None)
+            for u, p, t in zip(uploads, result.predictions, result.thumbnails, strict=True)
+        ]
+        ids = list(history.record(items, loaded, source))
+    return Answer(loaded, result, ids)
 
 
 def _top_k() -> int | None:
@@ -215,18 +246,57 @@ def register_routes(app: Flask) -> None:
 
     @app.post("/")
     def classify_page():
-        from predictor import thumbnail_data_uri
-
         try:
             uploads = uploads_from_request()
-            loaded, predictions, elapsed_ms = run_classification(uploads)
+            answer = run_classification(uploads, "web", thumbnails=True)
         except RequestError as exc:
             return render_page(error=exc.message), exc.status
         results = [
-            {"filename": upload.filename, "prediction": prediction, "thumbnail": thumbnail_data_uri(upload.data)}
-            for upload, prediction in zip(uploads, predictions, strict=True)
+            {"filename": upload.filename, "prediction": prediction, "thumbnail": thumbnail, "id": prediction_id}
+            for upload, prediction, thumbnail, prediction_id in zip(
+                uploads, answer.result.predictions, answer.result.thumbnails, answer.prediction_ids, strict=True
+            )
         ]
-        return render_page(results=results, answered_by=loaded, elapsed_ms=elapsed_ms)
+        return render_page(results=results, answered_by=answer.model, elapsed_ms=answer.result.elapsed_ms)
+
+    @app.get("/history")
+    def history_page():
+        top_class = request.args.get("class") or None
+        model_id = request.args.get("model", type=int)
+        page = db.paginate(history.query(top_class, model_id), per_page=20, error_out=False)
+        return render_template(
+            "history.html",
+            page=page,
+            top_class=top_class,
+            model_id=model_id,
+            models=model_store.list_models(),
+            feedback=history.feedback_by_model(),
+            class_names=_known_classes(),
+            status=holder_status(),
+        )
+
+    @app.get("/predictions/<int:prediction_id>/thumbnail.jpg")
+    def prediction_thumbnail(prediction_id: int):
+        try:
+            thumbnail = history.get(prediction_id).thumbnail
+        except history.HistoryError:
+            abort(404)
+        if not thumbnail:
+            abort(404)
+        return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+    @app.post("/predictions/<int:prediction_id>/feedback")
+    def prediction_feedback(prediction_id: int):
+        verdict = request.form.get("verdict", "")
+        correct_class = request.form.get("correct_class") or None
+        try:
+            row = history.set_feedback(prediction_id, verdict, correct_class)
+        except history.HistoryError as exc:
+            status = 404 if "no prediction" in str(exc) else 400
+            return render_template("error.html", message=str(exc), status_code=status, status=holder_status()), status
+        note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
+        flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
+        return redirect(url_for("history_page", _anchor=f"p{row.id}"))
 
     @app.get("/models")
     def models_page():
@@ -273,22 +343,33 @@ def register_routes(app: Flask) -> None:
     def api_predict():
         top_k = _top_k()
         uploads = uploads_from_request()
-        loaded, predictions, elapsed_ms = run_classification(uploads)
+        answer = run_classification(uploads, "api", thumbnails=False)
         return jsonify(
             {
-                "model": loaded.describe(),
-                "elapsed_ms": round(elapsed_ms, 2),
+                "model": answer.model.describe(),
+                "elapsed_ms": round(answer.result.elapsed_ms, 2),
                 "predictions": [
                     {
+                        "id": prediction_id,
                         "filename": upload.filename,
                         "top_class": prediction.top_class,
                         "probability": prediction.top_probability,
                         "probabilities": dict(prediction.ranked[:top_k]),
                     }
-                    for upload, prediction in zip(uploads, predictions, strict=True)
+                    for upload, prediction, prediction_id in zip(
+                        uploads, answer.result.predictions, answer.prediction_ids, strict=True
+                    )
                 ],
             }
         )
+
+
+def _known_classes() -> list[str]:
+    """Every class name of every stored model, for the history filter."""
+    names: dict[str, None] = {}
+    for row in model_store.list_models():
+        names.update(dict.fromkeys(row.class_names))
+    return list(names)
 
 
 def _public(model: dict) -> dict:

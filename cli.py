@@ -9,6 +9,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+import history
 import model_store
 from model_store import ModelStoreError
 from predictor import ImageError
@@ -168,13 +169,27 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
         _fail(holder.error or "no model is active")
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
     try:
-        predictions, elapsed_ms = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+        result = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
     except ImageError as exc:
         _fail(exc.message)
-    click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({elapsed_ms:.1f} ms)")
-    for path, prediction in zip(images, predictions, strict=True):
+    click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")
+    for path, prediction in zip(images, result.predictions, strict=True):
         ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in prediction.ranked[:top_k])
         click.echo(f"{path}: {ranked}")
+
+
+@click.command("export-feedback")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@with_appcontext
+def export_feedback_command(directory: Path) -> None:
+    """Write marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for train.py --data)."""
+    counts = history.export_feedback(directory)
+    if not counts:
+        click.echo("no marked predictions with kept images; nothing written")
+        return
+    total = sum(counts.values())
+    summary = ", ".join(f"{label} {count}" for label, count in sorted(counts.items()))
+    click.echo(f"wrote {total} images to {directory}: {summary}")
 
 
 def register_commands(app: Flask) -> None:

@@ -13,7 +13,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import JSON, Boolean, DateTime, Index, Integer, LargeBinary, String, UniqueConstraint, func, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    func,
+    inspect,
+    select,
+)
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
@@ -23,6 +35,7 @@ db = SQLAlchemy()
 # The import default for a 10-way model without class names: the seed's CIFAR-10 order.
 # Serving always reads the names stored with each model, never this list.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FIRST_REVISION = "0001"
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
 
 
@@ -85,8 +98,17 @@ class ModelVersion(db.Model):
 
 
 def init_db() -> None:
-    """Create the tables that do not exist yet."""
-    db.create_all()
+    """Create or upgrade the schema with the Alembic migrations (`flask db upgrade`).
+
+    A database made before migrations existed (the registry table, no alembic_version) is first
+    stamped at the first revision, so upgrading keeps its models.
+    """
+    from flask_migrate import stamp, upgrade
+
+    tables = set(inspect(db.engine).get_table_names())
+    if "model_versions" in tables and "alembic_version" not in tables:
+        stamp(revision=FIRST_REVISION)
+    upgrade()
 
 
 def sha256_of(data: bytes) -> str:

@@ -6,7 +6,6 @@ prepared the same way in training and in serving.
 
 from __future__ import annotations
 
-import base64
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -103,25 +102,28 @@ def _decode_rgb(image: Image.Image, min_side: int) -> Image.Image:
         raise ImageError("The image file is corrupt or truncated.", 400, "corrupt_image") from exc
 
 
-def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Orient, convert, centre-crop and resize an opened image to `size` (width, height), as uint8 HxWx3."""
-    rgb = _decode_rgb(image, max(size) * 2)
-    fitted = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
-    return np.asarray(fitted, dtype=np.uint8)
-
-
-def thumbnail_data_uri(data: bytes, side: int = 160, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
-    """A small JPEG of the upload as a data: URI, so the page can show it without storing it."""
-    rgb = _decode_rgb(open_image(data, max_pixels), side)
-    rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
+def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
+    """A small JPEG of a decoded image, for the result page and the history."""
+    small = rgb.copy()
+    small.thumbnail((side, side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    rgb.save(buffer, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    small.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def decode_upload(
+    data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_side: int = 0
+) -> tuple[np.ndarray, bytes | None]:
+    """Decode an upload once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
+    rgb = _decode_rgb(open_image(data, max_pixels), max(max(size) * 2, thumbnail_side))
+    pixels = np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
+    return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
 
 
 def load_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes into a uint8 HxWx3 array of the given (width, height)."""
-    return prepare_image(open_image(data, max_pixels), size)
+    """Decode image bytes into a uint8 HxWx3 array of the given (width, height): orient, convert,
+    centre-crop to the aspect ratio, resize with antialiasing."""
+    return decode_upload(data, size, max_pixels)[0]
 
 
 def scale_pixels(batch: np.ndarray, input_scale: str) -> np.ndarray:

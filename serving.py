@@ -19,7 +19,7 @@ import model_store
 import monitoring
 from batching import MicroBatcher
 from model_store import ModelStoreError, ModelVersion, db
-from predictor import ImageError, ModelSpec, Prediction, Predictor, load_image, to_predictions
+from predictor import ImageError, ModelSpec, Prediction, Predictor, decode_upload, to_predictions
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +165,25 @@ def clean_filename(name: str | None, fallback: str = "image") -> str:
     return (name or fallback)[:100]
 
 
-def decode_uploads(uploads: list[Upload], spec: ModelSpec, max_pixels: int):
-    """Decode every upload to the model's input size; an ImageError names the file at fault."""
-    arrays = []
+@dataclass(frozen=True)
+class Classification:
+    """The answer for a request's images: predictions, thumbnails (when asked) and time taken."""
+
+    predictions: list[Prediction]
+    thumbnails: list[bytes | None]
+    elapsed_ms: float
+
+
+def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int, thumbnail_side: int = 0) -> Classification:
+    """Decode every upload and predict them in one model call; an ImageError names the file at fault."""
+    started = time.perf_counter()
+    arrays, thumbnails = [], []
     for upload in uploads:
         try:
-            arrays.append(load_image(upload.data, spec.image_size, max_pixels))
+            pixels, thumbnail = decode_upload(upload.data, loaded.predictor.spec.image_size, max_pixels, thumbnail_side)
         except ImageError as exc:
             raise ImageError(f"{upload.filename}: {exc.message}", exc.status, exc.code) from exc
-    return np.stack(arrays)
-
-
-def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int) -> tuple[list[Prediction], float]:
-    """Predictions for the uploads in one model call, and the time taken in milliseconds."""
-    started = time.perf_counter()
-    batch = decode_uploads(uploads, loaded.predictor.spec, max_pixels)
-    predictions = loaded.predict(batch)
-    return predictions, (time.perf_counter() - started) * 1000
+        arrays.append(pixels)
+        thumbnails.append(thumbnail)
+    predictions = loaded.predict(np.stack(arrays))
+    return Classification(predictions, thumbnails, (time.perf_counter() - started) * 1000)

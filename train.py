@@ -66,10 +66,15 @@ class Dataset:
 
 
 def _split_label(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """(split, class) from a path inside an image-folder data set, or None."""
-    for index, part in enumerate(parts[:-2]):
-        if part in ("train", "test") and index + 2 == len(parts) - 1:
-            return part, parts[index + 1]
+    """(split, class) from a path inside an image-folder data set, or None.
+
+    `train/<class>/file` and `test/<class>/file` name their split; a plain `<class>/file` (as
+    `flask export-feedback` writes) counts as training data.
+    """
+    if len(parts) >= 3 and parts[-3] in ("train", "test"):
+        return parts[-3], parts[-2]
+    if len(parts) == 2:
+        return "train", parts[0]
     return None
 
 

@@ -168,7 +168,8 @@ def test_secret_key_is_generated_in_the_instance_folder(tmp_path):
 
 def test_no_web_route_changes_the_registry(app):
     writes = {rule.rule for rule in app.url_map.iter_rules() if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}}
-    assert writes == {"/", "/api/v1/predict"}  # both only classify
+    # Two routes classify (and record history); one records feedback. None touches the models.
+    assert writes == {"/", "/api/v1/predict", "/predictions/<int:prediction_id>/feedback"}
 
 
 def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp_path):

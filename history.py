@@ -1,0 +1,170 @@
+"""Prediction history and feedback: what the app predicted, and what people said was right.
+
+Every prediction is recorded with the model version, top class, confidence, a hash of the image
+and (unless KEEP_IMAGES is off) a small thumbnail. People mark predictions right or wrong; the
+marked images export as an image-folder data set that `train.py --data` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, case, func, select
+from sqlalchemy.orm import Mapped, deferred, mapped_column
+
+from model_store import ModelVersion, db, sha256_of
+
+VERDICTS = ("right", "wrong")
+
+
+class HistoryError(Exception):
+    """A history operation that cannot be done; the message says why."""
+
+
+class PredictionRecord(db.Model):
+    """One image's prediction, and the feedback given on it."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"), index=True)
+    model_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    model_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    source: Mapped[str] = mapped_column(String(10), nullable=False)
+    filename: Mapped[str] = mapped_column(String(100), nullable=False)
+    top_class: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    confidence: Mapped[float] = mapped_column(Float, nullable=False)
+    image_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    thumbnail: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    feedback: Mapped[str | None] = mapped_column(String(10))
+    correct_class: Mapped[str | None] = mapped_column(String(100))
+    feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def labelled_class(self) -> str | None:
+        """The class people confirmed: the prediction if marked right, the given class if wrong."""
+        if self.feedback == "right":
+            return self.top_class
+        if self.feedback == "wrong":
+            return self.correct_class
+        return None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What to record for one image."""
+
+    filename: str
+    data: bytes
+    top_class: str
+    confidence: float
+    thumbnail: bytes | None
+
+
+def record(items: list[Recorded], model, source: str) -> list[int]:
+    """Store predictions made by `model` (a LoadedModel) in one transaction; returns their ids."""
+    now = datetime.now(UTC)
+    rows = [
+        PredictionRecord(
+            created_at=now,
+            model_id=model.id,
+            model_name=model.name,
+            model_version=model.version,
+            source=source,
+            filename=item.filename,
+            top_class=item.top_class,
+            confidence=item.confidence,
+            image_sha256=sha256_of(item.data),
+            thumbnail=item.thumbnail,
+        )
+        for item in items
+    ]
+    db.session.add_all(rows)
+    db.session.commit()
+    return [row.id for row in rows]
+
+
+def query(top_class: str | None = None, model_id: int | None = None):
+    """Predictions newest first, filtered by predicted class and model version."""
+    statement = select(PredictionRecord).order_by(PredictionRecord.id.desc())
+    if top_class:
+        statement = statement.where(PredictionRecord.top_class == top_class)
+    if model_id:
+        statement = statement.where(PredictionRecord.model_id == model_id)
+    return statement
+
+
+def get(prediction_id: int) -> PredictionRecord:
+    row = db.session.get(PredictionRecord, prediction_id)
+    if row is None:
+        raise HistoryError(f"no prediction with id {prediction_id}")
+    return row
+
+
+def set_feedback(prediction_id: int, verdict: str, correct_class: str | None) -> PredictionRecord:
+    """Mark a prediction right, or wrong with the class it should have been."""
+    row = get(prediction_id)
+    if verdict not in VERDICTS:
+        raise HistoryError("feedback must be 'right' or 'wrong'")
+    if verdict == "wrong":
+        classes = db.session.scalar(select(ModelVersion.class_names).where(ModelVersion.id == row.model_id))
+        if not correct_class:
+            raise HistoryError("say which class is right when marking a prediction wrong")
+        if classes is not None and correct_class not in classes:
+            raise HistoryError(f"{correct_class!r} is not one of the model's classes")
+        if correct_class == row.top_class:
+            raise HistoryError("the class given is the predicted one: mark it right instead")
+    row.feedback = verdict
+    row.correct_class = correct_class if verdict == "wrong" else None
+    row.feedback_at = datetime.now(UTC)
+    db.session.commit()
+    return row
+
+
+@dataclass(frozen=True)
+class ModelFeedback:
+    model_name: str
+    model_version: int
+    predictions: int
+    marked: int
+    marked_right: int
+
+    @property
+    def right_rate(self) -> float | None:
+        return self.marked_right / self.marked if self.marked else None
+
+
+def feedback_by_model() -> list[ModelFeedback]:
+    """Per model version: predictions made, how many were marked, how many marked right."""
+    marked = func.count(PredictionRecord.feedback)
+    right = func.sum(case((PredictionRecord.feedback == "right", 1), else_=0))
+    statement = (
+        select(PredictionRecord.model_name, PredictionRecord.model_version, func.count(), marked, right)
+        .group_by(PredictionRecord.model_name, PredictionRecord.model_version)
+        .order_by(PredictionRecord.model_name, PredictionRecord.model_version.desc())
+    )
+    return [ModelFeedback(n, v, total, m, int(r or 0)) for n, v, total, m, r in db.session.execute(statement)]
+
+
+def export_feedback(directory: Path) -> dict[str, int]:
+    """Write every marked prediction's thumbnail to `directory/<class>/<id>.jpg`; counts per class."""
+    counts: dict[str, int] = {}
+    statement = select(PredictionRecord).where(PredictionRecord.feedback.is_not(None)).order_by(PredictionRecord.id)
+    for row in db.session.scalars(statement):
+        label = row.labelled_class
+        if not row.thumbnail or not label:
+            continue
+        folder = directory / _safe_folder_name(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{row.id}.jpg").write_bytes(row.thumbnail)
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _safe_folder_name(label: str) -> str:
+    """Class names come from model metadata; keep them from naming paths outside the folder."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_ ." else "_" for ch in label).strip(" .")
+    return cleaned or "_"
