@@ -203,5 +203,6 @@ def register_commands(app: Flask) -> None:
         delete_command,
         check_db_command,
         predict_command,
+        export_feedback_command,
     ):
         app.cli.add_command(command)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import text
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,6 +17,8 @@ import model_store
 from app import create_app
 
 CIFAR10 = list(model_store.CIFAR10_CLASSES)
+# CI runs the suite a second time against PostgreSQL with this set (see .ci/run).
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL")
 
 
 def build_seed_like_model(num_classes: int = 10, seed: int = 0):
@@ -63,23 +66,42 @@ def three_class_model_file(model_dir) -> Path:
     return path
 
 
+def drop_everything(app) -> None:
+    """Empty a shared database (PostgreSQL) so each test starts from nothing."""
+    with app.app_context():
+        model_store.db.session.remove()
+        model_store.db.drop_all()
+        with model_store.db.engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+
+
 @pytest.fixture
-def app(tmp_path, seed_model_file):
-    """The real app on a temporary instance folder and SQLite database, with the seed-like model active."""
+def bare_app(tmp_path):
+    """The real app on a temporary instance folder and an empty database (SQLite, or CI's PostgreSQL)."""
     app = create_app(
         {
             "TESTING": True,
             "INSTANCE_PATH": str(tmp_path / "instance"),
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'test.sqlite'}",
+            "SQLALCHEMY_DATABASE_URI": POSTGRES_URL or f"sqlite:///{tmp_path / 'test.sqlite'}",
             "SECRET_KEY": "test",
             "WTF_CSRF_ENABLED": False,
             "MODEL_POLL_SECONDS": 0,
         }
     )
-    with app.app_context():
+    if POSTGRES_URL:
+        drop_everything(app)
+    yield app
+    if POSTGRES_URL:
+        drop_everything(app)
+
+
+@pytest.fixture
+def app(bare_app, seed_model_file):
+    """The app with its schema created by the migrations and the seed-like model active."""
+    with bare_app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
-    yield app
+    return bare_app
 
 
 @pytest.fixture
