@@ -34,9 +34,15 @@ serve: db
 bench: install
 	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL)
 
-## test: lint, then the test suite
+## test: lint, then the test suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL is set
 test: lint
-	$(PY) -m pytest -q
+	env -u TEST_DATABASE_URL $(PY) -m pytest -q
+	@if [ -n "$$TEST_DATABASE_URL" ]; then \
+		echo "== the suite again on PostgreSQL ($$TEST_DATABASE_URL)"; \
+		$(PY) -m pytest -q; \
+	else \
+		echo "== PostgreSQL run skipped: TEST_DATABASE_URL is not set (.ci/run starts a server with .ci/start-postgres)"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check .
