@@ -22,11 +22,11 @@ db: install
 	$(FLASK) init-db
 	$(FLASK) import-model $(DEFAULT_MODEL) --name cifar10-default --if-empty
 
-## run: serve the app with the shipped model on http://$(HOST):$(PORT) (development server)
+## run: serve the app with the shipped model on http://$(HOST):$(PORT) (gunicorn, as `serve`)
 run: db
-	$(FLASK) run --host $(HOST) --port $(PORT)
+	HOST=$(HOST) PORT=$(PORT) MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn -c gunicorn.conf.py
 
-## serve: the production server (gunicorn; WEB_WORKERS, WEB_THREADS, HOST, PORT in gunicorn.conf.py)
+## serve: the production server with the environment's settings (WEB_WORKERS, WEB_THREADS, HOST, PORT: gunicorn.conf.py)
 serve: db
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn -c gunicorn.conf.py
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -219,18 +221,25 @@ def import_model(
         metrics=metrics,
         created_at=datetime.now(UTC),
     )
-    try:
+    with _transaction():
         latest = db.session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == row.name))
         row.version = (latest or 0) + 1
         db.session.add(row)
         db.session.flush()
         if activate or get_active() is None:
             _set_active(row)
+    return row
+
+
+@contextmanager
+def _transaction() -> Iterator[None]:
+    """Commit what the block did, or roll all of it back."""
+    try:
+        yield
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
-    return row
 
 
 def list_models() -> list[ModelVersion]:
@@ -261,12 +270,8 @@ def activate(model_id: int) -> ModelVersion:
     """Make one version the active one, after checking its BLOB is intact."""
     row = get_model(model_id)
     verify(row)
-    try:
+    with _transaction():
         _set_active(row)
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
     return row
 
 
@@ -275,8 +280,8 @@ def delete(model_id: int) -> None:
     row = get_model(model_id)
     if row.is_active:
         raise ModelStoreError(f"model {model_id} is the active model; activate another one first")
-    db.session.delete(row)
-    db.session.commit()
+    with _transaction():
+        db.session.delete(row)
 
 
 def verify(row: ModelVersion) -> None:

@@ -119,16 +119,21 @@ class Server:
                 continue
         return sorted(pids)
 
-    def worker_rss_mb(self) -> list[float]:
+    def worker_memory_mb(self, field: str = "Rss") -> list[float]:
+        """Per worker, from /proc/PID/smaps_rollup: Rss (all resident pages, shared libraries
+        included), Pss (shared pages split between the processes using them) or Private_Dirty."""
         sizes = []
         for pid in self.worker_pids():
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
             except OSError:
                 continue
-            kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+            kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
             sizes.append(round(kb / 1024, 1))
         return sizes
+
+    def worker_rss_mb(self) -> list[float]:
+        return self.worker_memory_mb("Rss")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -226,6 +231,24 @@ def seed_way_rate(model_path: Path, image: bytes, repeats: int = 10) -> float:
     return 1 / statistics.mean(timings[1:])  # the first call also pays Python imports
 
 
+def decode_times_ms(photo: bytes) -> dict[str, float]:
+    """Median time to turn an upload into model input (32x32): small JPEG, small PNG, 12 MP JPEG."""
+    from predictor import decode_upload
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes((32, 32)))).save(buffer, "PNG")
+    cases = {"small_jpeg": jpeg_bytes((32, 32)), "small_png": buffer.getvalue(), "photo12mp_jpeg": photo}
+    times = {}
+    for name, data in cases.items():
+        runs = []
+        for _ in range(30 if name != "photo12mp_jpeg" else 10):
+            started = time.perf_counter()
+            decode_upload(data, (32, 32))
+            runs.append(time.perf_counter() - started)
+        times[name] = round(1000 * statistics.median(runs), 3)
+    return times
+
+
 def prepare_instance(model_path: Path) -> Path:
     instance = Path(tempfile.mkdtemp(prefix="bench-instance-"))
     os.environ["INSTANCE_PATH"] = str(instance)
@@ -275,6 +298,8 @@ def main() -> int:
         batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
         results["batch64_c2"] = batch
         results["worker_rss_mb"] = server.worker_rss_mb()
+        results["worker_pss_mb"] = server.worker_memory_mb("Pss")
+        results["worker_private_mb"] = server.worker_memory_mb("Private_Dirty")
     finally:
         server.stop()
 
@@ -284,6 +309,7 @@ def main() -> int:
     finally:
         batched.stop()
 
+    results["decode_ms"] = decode_times_ms(photo)
     results["model_in_process_images_per_s"] = round(in_process_rate(args.model), 1)
     results["seed_way_requests_per_s"] = round(seed_way_rate(args.model, small), 2)
     results["ratio_batch_api_to_model"] = round(
@@ -333,6 +359,7 @@ def print_table(results: dict) -> None:
         f"{results['startup_cold_s']} s cold (rehydrating), {results['startup_warm_s']} s warm"
     )
     print(f"dynamic batching at concurrency 8: {results['batching_speedup_c8']}x the throughput without it")
+    print(f"decoding to model input (median ms): {results['decode_ms']}")
 
 
 if __name__ == "__main__":

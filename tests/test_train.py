@@ -18,6 +18,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def quick_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """train.py arguments for one short epoch on the tiny data set."""
+    return ["--data", str(folder), "--epochs", "1", "--batch-size", "8", "--out", str(out), *extra]
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """train/<class>/ and test/<class>/ with noisy colour images of assorted sizes and formats."""
@@ -37,21 +42,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def test_train_end_to_end_writes_model_metrics_plots_and_imports(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
     out = tmp_path / "run"
-    metrics = train.main(
-        [
-            "--data",
-            str(tiny_folder),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-            "--import",
-            "--name",
-            "colours",
-        ]
-    )
+    metrics = train.main(quick_args(tiny_folder, out, "--import", "--name", "colours"))
     assert metrics == 0
     written = json.loads((out / "metrics.json").read_text())
     assert written["class_names"] == ["blue", "green", "red"]
@@ -125,24 +116,8 @@ def test_stratified_split_keeps_every_class_and_is_seeded():
 
 def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
     out = tmp_path / "mirrored"
-    command = [
-        sys.executable,
-        "train.py",
-        "--data",
-        str(tiny_folder),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--distribute",
-        "mirrored",
-        "--logical-cpus",
-        "2",
-        "--out",
-        str(out),
-        "--verbose",
-        "0",
-    ]
+    command = [sys.executable, "train.py", *quick_args(tiny_folder, out, "--distribute", "mirrored")]
+    command += ["--logical-cpus", "2", "--verbose", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 replica(s)" in result.stdout
