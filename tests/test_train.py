@@ -42,8 +42,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def test_train_end_to_end_writes_model_metrics_plots_and_imports(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
     out = tmp_path / "run"
-    metrics = train.main(quick_args(tiny_folder, out, "--import", "--name", "colours"))
-    assert metrics == 0
+    assert train.main(quick_args(tiny_folder, out, "--import", "--name", "colours")) == 0
     written = json.loads((out / "metrics.json").read_text())
     assert written["class_names"] == ["blue", "green", "red"]
     assert written["train_images"] + written["val_images"] == 36 and written["test_images"] == 12
