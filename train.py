@@ -24,7 +24,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import reports
 from model_store import CIFAR10_CLASSES
@@ -224,7 +223,9 @@ def whitening_weights(images: np.ndarray, eps: float = 5e-4) -> tuple[np.ndarray
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def build_strong_model(input_shape: tuple[int, int, int], num_classes: int, whitening=None):
+def build_strong_model(
+    input_shape: tuple[int, int, int], num_classes: int, whitening=None, widths: tuple[int, ...] = STRONG_WIDTHS
+):
     """An airbench94-style net: frozen patch-whitening layer, three conv groups with batch norm."""
     from keras import layers
 
@@ -240,7 +241,7 @@ def build_strong_model(input_shape: tuple[int, int, int], num_classes: int, whit
     inputs = keras.Input(shape=input_shape)
     whiten = layers.Conv2D(24, 2, padding="valid", trainable=False, name="whiten")
     x = layers.Activation("gelu", name="gelu0")(whiten(inputs))
-    for index, width in enumerate(STRONG_WIDTHS, start=1):
+    for index, width in enumerate(widths, start=1):
         x = conv_group(x, width, index)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Dense(num_classes, use_bias=False, dtype="float32", name="logits")(x)
@@ -251,23 +252,27 @@ def build_strong_model(input_shape: tuple[int, int, int], num_classes: int, whit
     return model
 
 
-def build_model(arch: str, input_shape, num_classes: int, train_images=None):
+def build_model(arch: str, input_shape, num_classes: int, train_images=None, widths=STRONG_WIDTHS):
     """Build an architecture by name; the strong one needs training images for its whitening."""
     if arch == "seed":
         return build_seed_model(input_shape, num_classes)
     whitening = whitening_weights(train_images) if train_images is not None else None
-    return build_strong_model(input_shape, num_classes, whitening)
+    return build_strong_model(input_shape, num_classes, whitening, tuple(widths))
 
 
 # ---------------------------------------------------------------- input pipeline
 
 
-def make_dataset(images, labels, num_classes, batch_size, *, training, augment, seed, padding=4, whole_batches=False):
+def make_dataset(
+    images, labels, num_classes, batch_size, *, training, augment, seed, one_hot, padding=4, whole_batches=False
+):
     """A tf.data pipeline: uint8 images to [0, 1] floats; random crop and flip when augmenting.
 
-    The strong recipe (augment=True) takes one-hot labels, which label smoothing needs; the
-    seed's sparse cross-entropy takes integers.
+    Labels are one-hot for the strong recipe (label smoothing needs them), integers for the seed's
+    sparse cross-entropy.
     """
+    import tensorflow as tf  # here, not at the top: the model code itself is backend-neutral Keras
+
     height, width = images.shape[1:3]
 
     def prepare(image, label):
@@ -276,7 +281,7 @@ def make_dataset(images, labels, num_classes, batch_size, *, training, augment, 
             padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
             image = tf.image.random_crop(padded, [height, width, 3])
             image = tf.image.random_flip_left_right(image)
-        return image, (tf.one_hot(label, num_classes) if augment else label)
+        return image, (tf.one_hot(label, num_classes) if one_hot else label)
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if training:
@@ -287,6 +292,8 @@ def make_dataset(images, labels, num_classes, batch_size, *, training, augment, 
 
 def make_strategy(name: str, logical_cpus: int):
     """The tf.distribute strategy for a flag value; the batch size given to it is global."""
+    import tensorflow as tf
+
     if logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
@@ -463,7 +470,14 @@ def _train(args) -> dict:
     settings = {key: getattr(args, key) for key in ARCH_DEFAULTS[args.arch]}
     augment = args.arch == "strong"
     train_data = make_dataset(
-        dataset.x_train, dataset.y_train, num_classes, args.batch_size, training=True, augment=augment, seed=args.seed
+        dataset.x_train,
+        dataset.y_train,
+        num_classes,
+        args.batch_size,
+        training=True,
+        augment=augment,
+        seed=args.seed,
+        one_hot=augment,
     )
     replicas = strategy.num_replicas_in_sync
     # Keras fails on a validation batch that splits unevenly over replicas; with several replicas
@@ -477,10 +491,9 @@ def _train(args) -> dict:
         training=False,
         augment=False,
         seed=0,
+        one_hot=augment,
         whole_batches=replicas > 1,
     )
-    if augment:
-        val_data = val_data.map(lambda image, label: (image, tf.one_hot(label, num_classes)))
     steps = len(dataset.x_train) // args.batch_size
     with strategy.scope():
         model = build_model(args.arch, input_shape, num_classes, dataset.x_train)
