@@ -37,8 +37,8 @@ ARCH_DEFAULTS = {
     "strong": {
         "epochs": 24,
         "batch_size": 512,
-        "learning_rate": 0.4,
-        "weight_decay": 5e-4,
+        "learning_rate": 0.8,
+        "weight_decay": 5e-3,
         "precision": "mixed_bfloat16",
     },
     "seed": {"epochs": 50, "batch_size": 32, "learning_rate": 0.001, "weight_decay": 0.0, "precision": "float32"},
@@ -264,7 +264,18 @@ def build_model(arch: str, input_shape, num_classes: int, train_images=None, wid
 
 
 def make_dataset(
-    images, labels, num_classes, batch_size, *, training, augment, seed, one_hot, padding=4, whole_batches=False
+    images,
+    labels,
+    num_classes,
+    batch_size,
+    *,
+    training,
+    augment,
+    seed,
+    one_hot,
+    padding=4,
+    cutout=0,
+    whole_batches=False,
 ):
     """A tf.data pipeline: uint8 images to [0, 1] floats; random crop and flip when augmenting.
 
@@ -281,6 +292,8 @@ def make_dataset(
             padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
             image = tf.image.random_crop(padded, [height, width, 3])
             image = tf.image.random_flip_left_right(image)
+            if cutout:
+                image = cut_out(image, cutout)
         return image, (tf.one_hot(label, num_classes) if one_hot else label)
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
@@ -288,6 +301,19 @@ def make_dataset(
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=training or whole_batches).prefetch(tf.data.AUTOTUNE)
+
+
+def cut_out(image, size: int):
+    """Grey out a random size x size square (clipped at the border), as in DeVries & Taylor's Cutout."""
+    import tensorflow as tf
+
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    centre_y = tf.random.uniform([], 0, height, tf.int32)
+    centre_x = tf.random.uniform([], 0, width, tf.int32)
+    rows = tf.range(height)[:, None]
+    cols = tf.range(width)[None, :]
+    inside = (tf.abs(rows - centre_y) * 2 < size) & (tf.abs(cols - centre_x) * 2 < size)
+    return tf.where(inside[:, :, None], tf.constant(0.5, image.dtype), image)
 
 
 def make_strategy(name: str, logical_cpus: int):
@@ -349,7 +375,14 @@ def compile_model(model, arch: str, settings: dict, steps_per_epoch: int):
         warmup_target=settings["learning_rate"],
         warmup_steps=warmup_steps,
     )
-    optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=settings["weight_decay"])
+    optimizer = keras.optimizers.SGD(
+        schedule,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=settings["weight_decay"],
+        use_ema=settings.get("ema", 0) > 0,
+        ema_momentum=settings.get("ema", 0) or 0.99,
+    )
     optimizer.exclude_from_weight_decay(var_names=["beta", "bias"])
     model.compile(
         optimizer=optimizer,
@@ -467,7 +500,7 @@ def _train(args) -> dict:
         f"data: {dataset.source}: {len(dataset.x_train)} train, {len(dataset.x_val)} validation, "
         f"{len(dataset.x_test)} test images, {num_classes} classes; {strategy.num_replicas_in_sync} replica(s)"
     )
-    settings = {key: getattr(args, key) for key in ARCH_DEFAULTS[args.arch]}
+    settings = {key: getattr(args, key) for key in ARCH_DEFAULTS[args.arch]} | {"ema": args.ema}
     augment = args.arch == "strong"
     train_data = make_dataset(
         dataset.x_train,
@@ -478,6 +511,7 @@ def _train(args) -> dict:
         augment=augment,
         seed=args.seed,
         one_hot=augment,
+        cutout=args.cutout,
     )
     replicas = strategy.num_replicas_in_sync
     # Keras fails on a validation batch that splits unevenly over replicas; with several replicas
@@ -532,6 +566,8 @@ def _train(args) -> dict:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "weight_decay": args.weight_decay,
+        "cutout": args.cutout,
+        "ema": args.ema,
         "precision": args.precision,
         "seed": args.seed,
         "distribute": args.distribute,
@@ -623,6 +659,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--batch-size", type=int, help="global batch size, split across replicas")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--cutout", type=int, default=0, help="strong arch: grey out a random NxN square (0: off)")
+    parser.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train images held out")
     parser.add_argument("--image-size", type=int, default=32, help="square input size for image folders")
