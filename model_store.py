@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
     JSON,
@@ -160,6 +161,9 @@ def inspect_model_bytes(data: bytes, filename: str) -> dict:
     output_shape = tuple(outputs[0].shape)
     if len(output_shape) != 2 or output_shape[-1] is None:
         raise ModelStoreError(f"{filename}: the output must be (batch, classes), got {output_shape}")
+    probe = np.full((2, *input_shape[1:]), 0.5, np.float32)
+    if not np.isfinite(np.asarray(model(probe, training=False))).all():
+        raise ModelStoreError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],

@@ -38,6 +38,10 @@ class ImageError(ValueError):
         self.code = code
 
 
+class ModelOutputError(RuntimeError):
+    """The model answered with NaN or infinity: a fault of the model, not of the upload."""
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open image bytes lazily (header only), refusing non-images and oversize pixel counts."""
     if not data:
@@ -199,6 +203,8 @@ class Predictor:
         if self.spec.tta == "flip":
             batch = np.concatenate([batch, batch[:, :, ::-1, :]])
         outputs = np.asarray(self._infer(batch), dtype=np.float64)
+        if not np.isfinite(outputs).all():
+            raise ModelOutputError("The model produced an invalid (non-finite) output for this image.")
         if self.spec.output_kind == "probabilities":
             outputs = np.log(np.clip(outputs, 1e-12, None))
         if self.spec.tta == "flip":

@@ -27,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train
 
-BASE = {**train.ARCH_DEFAULTS["strong"], "padding": 4, "widths": train.STRONG_WIDTHS}
+BASE = {**train.ARCH_DEFAULTS["strong"], "padding": 4, "widths": train.STRONG_WIDTHS, "cutout": 0, "ema": 0.0}
 
 
 def parse_variant(text: str) -> dict:
     """'wd=5e-3,epochs=36' -> the base settings with those changed ('base' changes nothing)."""
     keys = {"wd": "weight_decay", "lr": "learning_rate", "epochs": "epochs", "batch": "batch_size", "pad": "padding"}
+    keys.update(cutout="cutout", ema="ema")
     settings = dict(BASE)
     for item in filter(None, text.split(",")):
         if item == "base":
@@ -47,8 +48,8 @@ def parse_variant(text: str) -> dict:
     return settings
 
 
-def batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int, padding: int, rng):
-    """Endless shuffled batches with random reflect-padded crops and flips, one-hot labels."""
+def batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int, padding: int, cutout: int, rng):
+    """Endless shuffled batches with random reflect-padded crops, flips and cutout, one-hot labels."""
     height, width = images.shape[1:3]
     eye = np.eye(num_classes, dtype=np.float32)
     while True:
@@ -62,7 +63,15 @@ def batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int
             crops = windows[np.arange(batch), dy, dx].transpose(0, 2, 3, 1)
             flip = rng.random(batch) < 0.5
             crops[flip] = crops[flip, :, ::-1]
-            yield crops.astype(np.float32) / 255.0, eye[labels[index]]
+            crops = crops.astype(np.float32) / 255.0
+            if cutout:
+                rows = np.arange(height)[None, :, None]
+                cols = np.arange(width)[None, None, :]
+                cy = rng.integers(0, height, batch)[:, None, None]
+                cx = rng.integers(0, width, batch)[:, None, None]
+                inside = (np.abs(rows - cy) * 2 < cutout) & (np.abs(cols - cx) * 2 < cutout)
+                crops[inside] = 0.5
+            yield crops, eye[labels[index]]
 
 
 def run(settings: dict, data: train.Dataset, seed: int) -> dict:
@@ -73,7 +82,9 @@ def run(settings: dict, data: train.Dataset, seed: int) -> dict:
     model = train.build_model("strong", data.x_train.shape[1:], num_classes, data.x_train, settings["widths"])
     train.compile_model(model, "strong", settings, steps)
     rng = np.random.default_rng(seed)
-    stream = batches(data.x_train, data.y_train, num_classes, settings["batch_size"], settings["padding"], rng)
+    stream = batches(
+        data.x_train, data.y_train, num_classes, settings["batch_size"], settings["padding"], settings["cutout"], rng
+    )
     started = time.perf_counter()
     model.fit(stream, steps_per_epoch=steps, epochs=settings["epochs"], verbose=0)
     seconds = time.perf_counter() - started

@@ -82,7 +82,8 @@ def add_second_model(instance: Path) -> None:
         source = model_store.rehydrate(active, Path(scratch))
         model = keras.saving.load_model(source, compile=False)
         rng = np.random.default_rng(0)
-        model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in model.get_weights()])
+        for weight in model.trainable_weights:  # not the batch-norm statistics: a variance must stay positive
+            weight.assign(weight + rng.normal(0, 0.05, weight.shape).astype(weight.dtype))
         path = Path(scratch) / "perturbed.h5"
         model.save(path)
         model_store.import_model(path, name="perturbed", metrics=dict(active.metrics))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import text, update
 
+import history
 import model_store
 from app import create_app
 from model_store import ModelStoreError, ModelVersion, db
@@ -276,3 +277,40 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
             pytest.skip("WAL and busy_timeout are SQLite settings; this run uses PostgreSQL")
         assert db.session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert db.session.execute(text("PRAGMA busy_timeout")).scalar() == 10000
+
+
+def _nan_model_file(path: Path) -> Path:
+    from tests.conftest import build_seed_like_model
+
+    model = build_seed_like_model()
+    model.layers[-1].kernel.assign(np.full(model.layers[-1].kernel.shape, np.nan, np.float32))
+    model.save(path)
+    return path
+
+
+def test_a_model_with_non_finite_output_is_refused_at_import(app, tmp_path):
+    with app.app_context():
+        before = [r.id for r in model_store.list_models()]
+        with pytest.raises(ModelStoreError, match="not finite"):
+            model_store.import_model(_nan_model_file(tmp_path / "nan.h5"))
+        assert [r.id for r in model_store.list_models()] == before
+
+
+def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, tmp_path):
+    import keras
+
+    from predictor import ModelOutputError, ModelSpec, Predictor
+
+    model = keras.saving.load_model(_nan_model_file(tmp_path / "nan.h5"), compile=False)
+    with pytest.raises(ModelOutputError):
+        Predictor(model, ModelSpec(tuple(model_store.CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
+            np.zeros((1, 32, 32, 3), np.uint8)
+        )
+    holder = app.extensions["model_holder"]
+    with app.app_context():
+        loaded = holder.current()
+    loaded.predictor.model.layers[-1].kernel.assign(np.full((loaded.predictor.model.layers[-1].kernel.shape), np.nan))
+    response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
+    assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
+    with app.app_context():
+        assert list(history.db.session.scalars(history.query())) == []  # nothing half-recorded
