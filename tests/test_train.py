@@ -122,3 +122,20 @@ def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
     assert "2 replica(s)" in result.stdout
     written = json.loads((out / "metrics.json").read_text())
     assert written["replicas"] == 2 and written["distribute"] == "mirrored"
+
+
+def test_cutout_greys_out_at_most_one_square():
+    import tensorflow as tf
+
+    image = tf.ones((32, 32, 3))
+    for _ in range(20):
+        grey = (train.cut_out(image, 8).numpy() == 0.5).all(axis=2)
+        rows, cols = np.nonzero(grey)
+        assert 0 < grey.sum() <= 64 and np.ptp(rows) < 8 and np.ptp(cols) < 8
+
+
+def test_cutout_and_ema_flags_train_and_are_recorded(tiny_folder, tmp_path):
+    out = tmp_path / "regularised"
+    assert train.main(quick_args(tiny_folder, out, "--cutout", "8", "--ema", "0.9")) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert (written["cutout"], written["ema"]) == (8, 0.9) and (out / "model.h5").exists()
