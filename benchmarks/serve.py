@@ -122,18 +122,22 @@ class Server:
                 continue
         return sorted(pids)
 
-    def worker_memory_mb(self, field: str = "Rss") -> list[float]:
-        """Per worker, from /proc/PID/smaps_rollup: Rss (all resident pages, shared libraries
-        included), Pss (shared pages split between the processes using them) or Private_Dirty."""
-        sizes = []
+    def worker_memory_by_pid(self, field: str = "Rss") -> dict[int, float]:
+        """Per worker pid, in MB, from /proc/PID/smaps_rollup: Rss (all resident pages, shared
+        libraries included), Pss (shared pages split between the processes using them) or
+        Private_Dirty."""
+        sizes = {}
         for pid in self.worker_pids():
             try:
                 rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
             except OSError:
                 continue
             kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
-            sizes.append(round(kb / 1024, 1))
+            sizes[pid] = round(kb / 1024, 1)
         return sizes
+
+    def worker_memory_mb(self, field: str = "Rss") -> list[float]:
+        return list(self.worker_memory_by_pid(field).values())
 
     def worker_rss_mb(self) -> list[float]:
         return self.worker_memory_mb("Rss")
@@ -252,7 +256,7 @@ def decode_times_ms(photo: bytes) -> dict[str, float]:
     return times
 
 
-def prepare_instance(model_path: Path) -> Path:
+def prepare_instance(model_path: Path, name: str = "bench") -> Path:
     instance = Path(tempfile.mkdtemp(prefix="bench-instance-"))
     os.environ["INSTANCE_PATH"] = str(instance)
     import model_store
@@ -263,7 +267,7 @@ def prepare_instance(model_path: Path) -> Path:
         model_store.init_db()
         sidecar = model_path.with_name("metrics.json")
         metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-        model_store.import_model(model_path, name="bench", metrics=metrics, activate=True)
+        model_store.import_model(model_path, name=name, metrics=metrics, activate=True)
     return instance
 
 

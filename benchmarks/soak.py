@@ -147,7 +147,7 @@ def main() -> int:
 
     def on_progress(done: int) -> None:
         if done == args.requests // 4:
-            rss_samples["first_quarter"] = server.worker_rss_mb()
+            rss_samples["first_quarter"] = server.worker_memory_by_pid()
         if done == args.requests // 2:
             subprocess.run(
                 [sys.executable, "-m", "flask", "--app", "app", "activate", str(model_ids[-1])],
@@ -161,7 +161,7 @@ def main() -> int:
             os.kill(victim, signal.SIGKILL)
             counts["killed worker pid"] = victim
         if done == 3 * args.requests // 4:
-            rss_samples["last_quarter"] = server.worker_rss_mb()
+            rss_samples["last_quarter"] = server.worker_memory_by_pid()
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -219,7 +219,7 @@ def main() -> int:
         "connection_errors_after_retry": len(lost),
         "connection_errors_by_kind": dict(collections.Counter(f"{label}: {kind}" for label, kind in lost)),
         "mixed_or_wrong_answers": len(mixed),
-        "worker_rss_mb": rss_samples,
+        "worker_rss_mb_by_pid": rss_samples,
         "check_db_exit_code": check.returncode,
         "check_db_output": check.stdout.strip().splitlines(),
     }

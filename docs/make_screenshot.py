@@ -42,7 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    instance = prepare_instance(args.model)
+    instance = prepare_instance(args.model, name="cifar10-default")
     server = Server(instance, workers=1, threads=2, batching=False)
     with tempfile.TemporaryDirectory() as scratch:
         images = test_images(args.data, ["test/ship/0000.jpg", "test/cat/0000.jpg"], Path(scratch))
