@@ -22,6 +22,7 @@ import history
 import model_store
 import monitoring
 import reports
+from cli import register_commands
 from model_store import ModelStoreError, db
 from predictor import DEFAULT_MAX_PIXELS, ImageError, ModelOutputError
 from serving import BatchingConfig, Classification, LoadedModel, ModelHolder, Upload, classify, clean_filename
@@ -41,7 +42,6 @@ DEFAULTS = {
     "BATCH_MAX_WAIT_MS": 2.0,
     "RECORD_HISTORY": True,
     "KEEP_IMAGES": True,
-    "SQLALCHEMY_ENGINE_OPTIONS": {},
 }
 
 
@@ -106,9 +106,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.before_request(_start_timer)
     app.after_request(_record_request)
     app.after_request(_security_headers)
-
-    from cli import register_commands
-
     register_commands(app)
     return app
 
