@@ -34,6 +34,10 @@ serve: db
 bench: install
 	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL)
 
+## soak: 2,000 mixed requests with an activation and a killed worker; writes benchmarks/results/soak.json
+soak: install
+	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --kill-worker
+
 ## test: lint, then the test suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL is set
 test: lint
 	env -u TEST_DATABASE_URL $(PY) -m pytest -q

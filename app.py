@@ -48,9 +48,13 @@ DEFAULTS = {
 def _secret_key(instance_path: Path) -> str:
     """The secret key from the instance folder, generated on first run (never from the code)."""
     key_file = instance_path / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_hex(32))
-        key_file.chmod(0o600)
+    try:
+        # O_EXCL: of several workers starting at once, one creates the key and the others read it.
+        handle = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_text().strip()
+    with os.fdopen(handle, "w") as key:
+        key.write(secrets.token_hex(32))
     return key_file.read_text().strip()
 
 
@@ -123,6 +127,8 @@ def _tune_sqlite(engine) -> None:
         # In WAL mode NORMAL still never corrupts the database; it skips an fsync per commit,
         # which every recorded prediction would otherwise pay.
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # SQLite ignores foreign keys (and so ON DELETE SET NULL) unless asked.
+        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
 
@@ -295,7 +301,7 @@ def register_routes(app: Flask) -> None:
         try:
             row = history.set_feedback(prediction_id, verdict, correct_class)
         except history.HistoryError as exc:
-            status = 404 if "no prediction" in str(exc) else 400
+            status = 404 if isinstance(exc, history.PredictionNotFound) else 400
             return render_template("error.html", message=str(exc), status_code=status, status=holder_status()), status
         note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
         flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
@@ -322,7 +328,8 @@ def register_routes(app: Flask) -> None:
         if plot == "curves" and metrics.get("history"):
             png = reports.curves_png(metrics["history"])
         elif plot == "confusion" and metrics.get("confusion_matrix"):
-            png = reports.confusion_png(metrics["confusion_matrix"], metrics["class_names"], metrics["test_accuracy"])
+            names = metrics.get("class_names") or model_store.get_model(model_id).class_names
+            png = reports.confusion_png(metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0))
         else:
             abort(404)
         return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})

@@ -20,15 +20,17 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+
+
 def _sidecar_metrics(model_path: Path) -> dict:
     """train.py's metrics.json beside a model file, when there is one."""
     sidecar = model_path.with_name("metrics.json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        return json.loads(sidecar.read_text())
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read {sidecar}: {exc}") from exc
+    return _read_metrics(sidecar) if sidecar.is_file() else {}
 
 
 @click.command("init-db")
@@ -61,7 +63,7 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
         return
     if not path.is_file():
         _fail(f"no such file: {path}")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path else _sidecar_metrics(path)
+    metrics = _read_metrics(metrics_path) if metrics_path else _sidecar_metrics(path)
     class_names = [c.strip() for c in classes.split(",")] if classes else None
     try:
         row = model_store.import_model(

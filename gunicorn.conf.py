@@ -18,7 +18,11 @@ wsgi_app = "app:create_app()"
 
 # Prometheus' multi-process mode needs a folder shared by the workers, set before they import
 # prometheus_client; it is emptied at each start so old workers' samples do not linger.
-_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path("instance") / "prometheus")))
+_metrics_dir = Path(
+    os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR", str(Path(os.environ.get("INSTANCE_PATH", "instance")) / "prometheus")
+    )
+)
 
 
 def on_starting(server):

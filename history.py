@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, case, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from model_store import ModelVersion, db, sha256_of
@@ -21,6 +22,10 @@ VERDICTS = ("right", "wrong")
 
 class HistoryError(Exception):
     """A history operation that cannot be done; the message says why."""
+
+
+class PredictionNotFound(HistoryError):
+    """No prediction with that id."""
 
 
 class PredictionRecord(db.Model):
@@ -83,7 +88,16 @@ def record(items: list[Recorded], model, source: str) -> list[int]:
         for item in items
     ]
     db.session.add_all(rows)
-    db.session.commit()
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # The version this worker still serves was deleted meanwhile: keep its name and
+        # version, drop the link.
+        db.session.rollback()
+        for row in rows:
+            row.model_id = None
+        db.session.add_all(rows)
+        db.session.commit()
     return [row.id for row in rows]
 
 
@@ -100,7 +114,7 @@ def query(top_class: str | None = None, model_id: int | None = None):
 def get(prediction_id: int) -> PredictionRecord:
     row = db.session.get(PredictionRecord, prediction_id)
     if row is None:
-        raise HistoryError(f"no prediction with id {prediction_id}")
+        raise PredictionNotFound(f"no prediction with id {prediction_id}")
     return row
 
 

@@ -199,6 +199,8 @@ def import_model(
         data = path.read_bytes()
     except OSError as exc:
         raise ModelStoreError(f"cannot read {path}: {exc.strerror}") from exc
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ModelStoreError("metrics must be a JSON object")
     metrics = dict(metrics or {})
     described = inspect_model_bytes(data, path.name)
     names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)

@@ -133,8 +133,11 @@ class ModelHolder:
 
     def _load(self, model_id: int, sha: str) -> None:
         try:
-            loaded = load_version(db.session.get(ModelVersion, model_id), self.directory, self.batching)
-        except ModelStoreError as exc:
+            row = db.session.get(ModelVersion, model_id)
+            if row is None:
+                raise ModelStoreError(f"model {model_id} was deleted while being activated")
+            loaded = load_version(row, self.directory, self.batching)
+        except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
             self._failed_sha = sha
             self.error = f"the active model (id {model_id}) cannot be served: {exc}"
             log.error(self.error)

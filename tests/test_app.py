@@ -211,3 +211,14 @@ def test_models_pages(app, client):
     card = client.get(f"/models/{row.id}").get_data(as_text=True)
     assert row.sha256 in card and "airplane" in card
     assert client.get("/models/999").status_code == 404
+
+
+def test_hand_written_metrics_do_not_break_the_model_pages(app, client, other_model_file):
+    metrics = {"arch": "mine", "test_accuracy": "n/a", "confusion_matrix": [[1]], "history": {"loss": [1.0, 0.5]}}
+    with app.app_context():
+        row_id = model_store.import_model(other_model_file, name="odd", metrics=metrics).id
+        with pytest.raises(model_store.ModelStoreError, match="JSON object"):
+            model_store.import_model(other_model_file, metrics=["not", "a", "dict"])
+    assert client.get(f"/models/{row_id}").status_code == 200
+    assert client.get("/models").status_code == 200
+    assert client.get(f"/models/{row_id}/curves.png").status_code == 200

@@ -314,3 +314,32 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
     with app.app_context():
         assert list(history.db.session.scalars(history.query())) == []  # nothing half-recorded
+
+
+def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_model_file, monkeypatch):
+    import serving
+
+    assert client.get("/healthz").status_code == 200
+    with app.app_context():
+        model_store.import_model(other_model_file, name="next", activate=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serving.model_store, "rehydrate", disk_full)
+    response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
+    assert response.status_code == 200 and response.get_json()["model"]["name"] == "seed"
+    health = client.get("/healthz")
+    assert health.status_code == 503 and "No space left" in health.get_json()["error"]
+
+
+def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_file):
+    with app.app_context():
+        other_id = model_store.import_model(other_model_file, name="other", activate=True).id
+    assert client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").status_code == 200
+    with app.app_context():
+        seed_id = next(r.id for r in model_store.list_models() if r.name == "seed")
+        model_store.activate(seed_id)
+        model_store.delete(other_id)
+        row = history.db.session.scalars(history.query()).first()
+        assert (row.model_id, row.model_name) == (None, "other")
