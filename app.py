@@ -8,6 +8,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our own messages
 
@@ -236,6 +237,14 @@ def run_classification(uploads: list[Upload], source: str, thumbnails: bool) -> 
     return Answer(loaded, result, ids)
 
 
+def _refuse_cross_site() -> None:
+    """The API is for scripts, which send no Origin; a browser on another site does, and could
+    otherwise plant images in the history (the API needs no CSRF token)."""
+    origin = request.headers.get("Origin")
+    if origin and urlsplit(origin).netloc != request.host:
+        raise RequestError("Cross-site browser requests to the API are refused.", 403, "cross_site")
+
+
 def _top_k() -> int | None:
     raw = request.args.get("top_k")
     if raw is None:
@@ -351,6 +360,7 @@ def register_routes(app: Flask) -> None:
     @app.post("/api/v1/predict")
     @csrf.exempt
     def api_predict():
+        _refuse_cross_site()
         top_k = _top_k()
         uploads = uploads_from_request()
         answer = run_classification(uploads, "api", thumbnails=False)

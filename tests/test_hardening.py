@@ -343,3 +343,13 @@ def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_fi
         model_store.delete(other_id)
         row = history.db.session.scalars(history.query()).first()
         assert (row.model_id, row.model_name) == (None, "other")
+
+
+def test_the_api_refuses_cross_site_browser_posts(client):
+    def post(headers):
+        return client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg", headers=headers)
+
+    refused = post({"Origin": "https://evil.example"})
+    assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "cross_site"
+    assert post({"Origin": "http://localhost"}).status_code == 200  # the test client's own host
+    assert post({}).status_code == 200  # scripts send no Origin
