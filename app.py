@@ -309,9 +309,10 @@ def register_routes(app: Flask) -> None:
         correct_class = request.form.get("correct_class") or None
         try:
             row = history.set_feedback(prediction_id, verdict, correct_class)
+        except history.PredictionNotFound as exc:
+            raise RequestError(str(exc), 404, "not_found") from exc
         except history.HistoryError as exc:
-            status = 404 if isinstance(exc, history.PredictionNotFound) else 400
-            return render_template("error.html", message=str(exc), status_code=status, status=holder_status()), status
+            raise RequestError(str(exc), 400, "bad_feedback") from exc
         note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
         flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
         return redirect(url_for("history_page", _anchor=f"p{row.id}"))

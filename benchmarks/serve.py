@@ -139,9 +139,6 @@ class Server:
     def worker_memory_mb(self, field: str = "Rss") -> list[float]:
         return list(self.worker_memory_by_pid(field).values())
 
-    def worker_rss_mb(self) -> list[float]:
-        return self.worker_memory_mb("Rss")
-
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
@@ -304,7 +301,7 @@ def main() -> int:
         batch = load(server.port, batch_body, batch_type, 2, args.seconds)
         batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
         results["batch64_c2"] = batch
-        results["worker_rss_mb"] = server.worker_rss_mb()
+        results["worker_rss_mb"] = server.worker_memory_mb("Rss")
         results["worker_pss_mb"] = server.worker_memory_mb("Pss")
         results["worker_private_mb"] = server.worker_memory_mb("Private_Dirty")
     finally:

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from serve import ROOT, Server, jpeg_bytes, multipart, prepare_instance
+from serve import ROOT, Server, jpeg_bytes, multipart, prepare_instance, request
 
 sys.path.insert(0, str(ROOT))
 
@@ -91,20 +91,12 @@ def add_second_model(instance: Path) -> None:
 
 def send(conn: http.client.HTTPConnection, body: bytes, kind: str) -> tuple[int, bytes]:
     """POST once; on a broken connection (a closed keep-alive, a killed worker) retry once afresh."""
-    for attempt in (1, 2):
-        try:
-            conn.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": kind})
-            response = conn.getresponse()
-            payload = response.read()
-            if response.will_close:
-                conn.close()  # http.client reconnects on the next request
-            return response.status, payload
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            RETRIES.append(attempt)
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return request(conn.port, "POST", "/api/v1/predict", body, kind, conn)
+    except (OSError, http.client.HTTPException):
+        conn.close()  # http.client opens a new connection on the next request
+        RETRIES.append(1)
+        return request(conn.port, "POST", "/api/v1/predict", body, kind, conn)
 
 
 RETRIES: list[int] = []
