@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 ## db: create the database and import the shipped model when the registry is empty
 db: install
 	$(FLASK) init-db
-	$(FLASK) import-model $(DEFAULT_MODEL) --name cifar10-default --if-empty
+	$(FLASK) models import $(DEFAULT_MODEL) --name cifar10-default --if-empty
 
 ## run: serve the app with the shipped model on http://$(HOST):$(PORT) (gunicorn, as `serve`)
 run: db

@@ -1,4 +1,5 @@
-"""`flask` commands for the operator: the database, the model registry and predictions from files."""
+"""`flask` commands for the operator: the database, the model registry (`flask models ...`),
+predictions from files and the feedback export."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
-from flask.cli import with_appcontext
+from flask.cli import AppGroup, with_appcontext
 
-import history
 import model_store
+import predictions
+from database import db
 from model_store import ModelStoreError
 from predictor import ImageError
-from serving import ModelHolder, Upload, classify, clean_filename
+from serving import Upload, classify, clean_filename
+from web.extensions import model_serving
+
+models_group = AppGroup("models", help="The model registry: import, list, activate, export, delete, check.")
 
 
 def _fail(message: str) -> None:
@@ -38,11 +43,10 @@ def _sidecar_metrics(model_path: Path) -> dict:
 def init_db_command() -> None:
     """Create the database tables (safe to run again)."""
     model_store.init_db()
-    click.echo(f"database ready: {current_app.config['SQLALCHEMY_DATABASE_URI']}")
+    click.echo(f"database ready: {db.engine.url.render_as_string(hide_password=True)}")
 
 
-@click.command("import-model")
-@with_appcontext
+@models_group.command("import")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", help="registry name (default: from metrics.json, else the file name)")
 @click.option("--classes", help="comma-separated class names in output order (default: metrics.json, else CIFAR-10)")
@@ -81,13 +85,12 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
     click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
 
 
-@click.command("models")
-@with_appcontext
-def models_command() -> None:
+@models_group.command("list")
+def list_command() -> None:
     """List the registry."""
     rows = model_store.list_models()
     if not rows:
-        click.echo("no models; import one with `flask --app app import-model PATH`")
+        click.echo("no models; import one with `flask --app app models import PATH`")
         return
     header = (
         f"{'id':>4}  {'name':<20} {'ver':>4}  {'created':<16}  {'classes':>7}  {'accuracy':>8}  {'size':>8}  active"
@@ -102,8 +105,7 @@ def models_command() -> None:
         )
 
 
-@click.command("activate")
-@with_appcontext
+@models_group.command("activate")
 @click.argument("model_id", type=int)
 def activate_command(model_id: int) -> None:
     """Make a version the active one; running servers pick it up without a restart."""
@@ -114,8 +116,7 @@ def activate_command(model_id: int) -> None:
     click.echo(f"model {row.id} ({row.name} v{row.version}) is now active")
 
 
-@click.command("export")
-@with_appcontext
+@models_group.command("export")
 @click.argument("model_id", type=int)
 @click.argument("path", type=click.Path(path_type=Path))
 def export_command(model_id: int, path: Path) -> None:
@@ -129,8 +130,7 @@ def export_command(model_id: int, path: Path) -> None:
     click.echo(f"wrote {written}")
 
 
-@click.command("delete")
-@with_appcontext
+@models_group.command("delete")
 @click.argument("model_id", type=int)
 def delete_command(model_id: int) -> None:
     """Delete an inactive version."""
@@ -141,9 +141,8 @@ def delete_command(model_id: int) -> None:
     click.echo(f"deleted model {model_id}")
 
 
-@click.command("check-db")
-@with_appcontext
-def check_db_command() -> None:
+@models_group.command("check")
+def check_command() -> None:
     """Verify every stored model's BLOB against its sha256; exit 1 if any is corrupt."""
     bad = 0
     for row in model_store.list_models():
@@ -165,18 +164,17 @@ def check_db_command() -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 def predict_command(images: tuple[Path, ...], top_k: int) -> None:
     """Classify image files with the active model and print the top classes."""
-    holder = ModelHolder(Path(current_app.config["MODEL_CACHE_DIR"]))
-    loaded = holder.current()
+    loaded = model_serving.holder.current()
     if loaded is None:
-        _fail(holder.error or "no model is active")
+        _fail(model_serving.holder.error or "no model is active")
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
     try:
         result = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
     except ImageError as exc:
         _fail(exc.message)
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")
-    for path, prediction in zip(images, result.predictions, strict=True):
-        ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in prediction.ranked[:top_k])
+    for path, image in zip(images, result.images, strict=True):
+        ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in image.prediction.ranked[:top_k])
         click.echo(f"{path}: {ranked}")
 
 
@@ -185,7 +183,7 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
 @with_appcontext
 def export_feedback_command(directory: Path) -> None:
     """Write marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for train.py --data)."""
-    counts = history.export_feedback(directory)
+    counts = predictions.export_feedback(directory)
     if not counts:
         click.echo("no marked predictions with kept images; nothing written")
         return
@@ -196,15 +194,5 @@ def export_feedback_command(directory: Path) -> None:
 
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
-    for command in (
-        init_db_command,
-        import_model_command,
-        models_command,
-        activate_command,
-        export_command,
-        delete_command,
-        check_db_command,
-        predict_command,
-        export_feedback_command,
-    ):
+    for command in (init_db_command, models_group, predict_command, export_feedback_command):
         app.cli.add_command(command)

@@ -32,9 +32,10 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Load and warm up the active model before the worker takes traffic."""
-    app = worker.wsgi
-    with app.app_context():
-        app.extensions["model_holder"].refresh()
+    from web.extensions import model_serving
+
+    with worker.wsgi.app_context():
+        model_serving.holder.refresh()
 
 
 def child_exit(server, worker):

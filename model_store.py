@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -31,9 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
+from database import db
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
-
-db = SQLAlchemy()
 
 # The import default for a 10-way model without class names: the seed's CIFAR-10 order.
 # Serving always reads the names stored with each model, never this list.
@@ -44,6 +42,14 @@ FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
 
 class ModelStoreError(Exception):
     """A registry operation that cannot be done; the message says why."""
+
+    code = "registry"
+
+
+class ModelNotFound(ModelStoreError):
+    """No model with that id."""
+
+    code = "not_found"
 
 
 class ModelVersion(db.Model):
@@ -256,7 +262,7 @@ def list_models() -> list[ModelVersion]:
 def get_model(model_id: int) -> ModelVersion:
     row = db.session.get(ModelVersion, model_id)
     if row is None:
-        raise ModelStoreError(f"no model with id {model_id}")
+        raise ModelNotFound(f"no model with id {model_id}")
     return row
 
 

@@ -1,5 +1,7 @@
 """Prometheus metrics: requests by route and status, latency, images per model call, the model served.
 
+`init_app` times every request of an app and counts it by route, method and status.
+
 Under gunicorn, PROMETHEUS_MULTIPROC_DIR (set by gunicorn.conf.py before any worker starts) makes
 every worker write its samples to files that `/metrics` aggregates, whichever worker answers.
 """
@@ -7,7 +9,9 @@ every worker write its samples to files that `/metrics` aggregates, whichever wo
 from __future__ import annotations
 
 import os
+import time
 
+from flask import Flask, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -33,6 +37,29 @@ MODEL_LOADED = Gauge(
     ["model_id", "name", "version"],
     multiprocess_mode="livemax",
 )
+
+
+# A made-up method would otherwise start a new time series on every request.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def init_app(app: Flask) -> None:
+    """Time and count every request the app answers."""
+    app.before_request(_start_timer)
+    app.after_request(_record_request)
+
+
+def _start_timer() -> None:
+    g.request_started = time.perf_counter()
+
+
+def _record_request(response):
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    REQUESTS.labels(route, method, str(response.status_code)).inc()
+    if "request_started" in g:
+        LATENCY.labels(route).observe(time.perf_counter() - g.request_started)
+    return response
 
 
 def model_switched(previous, current) -> None:

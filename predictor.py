@@ -29,23 +29,24 @@ TTA_MODES = ("none", "flip")
 
 
 class ImageError(ValueError):
-    """An upload that cannot be turned into model input; carries the HTTP status to answer with."""
+    """An upload that cannot be turned into model input; `code` says why (the web edge maps it to a status)."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "bad_image"):
+    def __init__(self, message: str, code: str = "bad_image"):
         super().__init__(message)
         self.message = message
-        self.status = status
         self.code = code
 
 
 class ModelOutputError(RuntimeError):
     """The model answered with NaN or infinity: a fault of the model, not of the upload."""
 
+    code = "model_output"
+
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open image bytes lazily (header only), refusing non-images and oversize pixel counts."""
     if not data:
-        raise ImageError("The file is empty.", 400, "empty_file")
+        raise ImageError("The file is empty.", "empty_file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,18 +55,14 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         if isinstance(exc, UnidentifiedImageError):
             raise ImageError(
                 f"The file is not an image this service reads (accepted: {', '.join(ACCEPTED_FORMATS)}).",
-                415,
                 "unsupported_media_type",
             ) from exc
-        raise ImageError(
-            f"The image has too many pixels: the limit is {max_pixels:,}.", 413, "too_many_pixels"
-        ) from exc
+        raise ImageError(f"The image has too many pixels: the limit is {max_pixels:,}.", "too_many_pixels") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError("The image file is corrupt or truncated.", 400, "corrupt_image") from exc
+        raise ImageError("The image file is corrupt or truncated.", "corrupt_image") from exc
     if image.width * image.height > max_pixels:
         raise ImageError(
             f"The image has too many pixels ({image.width}x{image.height}): the limit is {max_pixels:,}.",
-            413,
             "too_many_pixels",
         )
     return image
@@ -101,9 +98,9 @@ def _decode_rgb(image: Image.Image, min_side: int) -> Image.Image:
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
-        raise ImageError("The image has too many pixels.", 413, "too_many_pixels") from exc
+        raise ImageError("The image has too many pixels.", "too_many_pixels") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError("The image file is corrupt or truncated.", 400, "corrupt_image") from exc
+        raise ImageError("The image file is corrupt or truncated.", "corrupt_image") from exc
 
 
 def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
@@ -124,7 +121,7 @@ def decode_upload(
     return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
 
 
-def load_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into a uint8 HxWx3 array of the given (width, height): orient, convert,
     centre-crop to the aspect ratio, resize with antialiasing."""
     return decode_upload(data, size, max_pixels)[0]

@@ -1,32 +1,30 @@
 """Plots of a model's evaluation: training curves and the confusion matrix, as PNG bytes.
 
 Used by `train.py` (files in the report folder) and by the app's model card (from the metrics
-stored in the registry), so both show the same figures.
+stored in the registry), so both show the same figures. Drawn with matplotlib's object API on
+the Agg canvas: pyplot's global state is not thread-safe, and the server answers in threads.
 """
 
 from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def _png(figure) -> bytes:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()
 
 
 def confusion_png(matrix: list[list[int]], class_names: list[str], accuracy: float) -> bytes:
     """The confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
     matrix = np.asarray(matrix)
-    figure, axis = plt.subplots(figsize=(7, 6))
+    figure = Figure(figsize=(7, 6))
+    axis = figure.subplots()
     axis.imshow(matrix, cmap="Blues")
     axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     axis.set_yticks(range(len(class_names)), class_names)
@@ -39,12 +37,14 @@ def confusion_png(matrix: list[list[int]], class_names: list[str], accuracy: flo
 
 def curves_png(history: dict[str, list[float]]) -> bytes:
     """Loss and accuracy per epoch, training and validation side by side."""
-    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    loss_axis, acc_axis = figure.subplots(1, 2)
     epochs = range(1, len(history["loss"]) + 1)
     for axis, metric in ((loss_axis, "loss"), (acc_axis, "accuracy")):
         for key, label in ((metric, "training"), (f"val_{metric}", "validation")):
             if key in history:
                 axis.plot(epochs, history[key], marker="o", label=label)
         axis.set(xlabel="epoch", ylabel=metric, title=metric.capitalize())
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     return _png(figure)

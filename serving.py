@@ -18,7 +18,8 @@ from sqlalchemy import select
 import model_store
 import monitoring
 from batching import MicroBatcher
-from model_store import ModelStoreError, ModelVersion, db
+from database import db
+from model_store import ModelStoreError, ModelVersion
 from predictor import ImageError, ModelSpec, Prediction, Predictor, decode_upload, to_predictions
 
 log = logging.getLogger(__name__)
@@ -169,11 +170,22 @@ def clean_filename(name: str | None, fallback: str = "image") -> str:
 
 
 @dataclass(frozen=True)
-class Classification:
-    """The answer for a request's images: predictions, thumbnails (when asked) and time taken."""
+class ClassifiedImage:
+    """One image's answer: its file name and hash, the prediction, a thumbnail when one was asked
+    for, and its id in the prediction history once recorded."""
 
-    predictions: list[Prediction]
-    thumbnails: list[bytes | None]
+    filename: str
+    image_sha256: str
+    prediction: Prediction
+    thumbnail: bytes | None = None
+    history_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The answer for a request's images, in the order sent, and the time it took."""
+
+    images: list[ClassifiedImage]
     elapsed_ms: float
 
 
@@ -185,8 +197,12 @@ def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int, thumbn
         try:
             pixels, thumbnail = decode_upload(upload.data, loaded.predictor.spec.image_size, max_pixels, thumbnail_side)
         except ImageError as exc:
-            raise ImageError(f"{upload.filename}: {exc.message}", exc.status, exc.code) from exc
+            raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
         arrays.append(pixels)
         thumbnails.append(thumbnail)
     predictions = loaded.predict(np.stack(arrays))
-    return Classification(predictions, thumbnails, (time.perf_counter() - started) * 1000)
+    images = [
+        ClassifiedImage(upload.filename, model_store.sha256_of(upload.data), prediction, thumbnail)
+        for upload, prediction, thumbnail in zip(uploads, predictions, thumbnails, strict=True)
+    ]
+    return Classification(images, (time.perf_counter() - started) * 1000)

@@ -27,7 +27,7 @@ import numpy as np
 
 import reports
 from model_store import CIFAR10_CLASSES
-from predictor import ImageError, ModelSpec, Predictor, load_image
+from predictor import ImageError, ModelSpec, Predictor, decode_image
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -110,7 +110,7 @@ def read_image_folder(source: Path, image_size: int) -> tuple[tuple[str, ...], d
     samples: dict[str, list] = {"train": [], "test": []}
     for split, label, data in _iter_folder_files(source):
         try:
-            samples[split].append((label, load_image(data, (image_size, image_size))))
+            samples[split].append((label, decode_image(data, (image_size, image_size))))
         except ImageError as exc:
             print(f"skipping an unreadable image in {split}/{label}: {exc.message}", file=sys.stderr)
     class_names = tuple(sorted({label for label, _ in samples["train"]}))

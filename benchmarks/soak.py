@@ -1,5 +1,5 @@
 """Soak and fault test against the production server: a mix of good and bad requests, a model
-activation in the middle, optionally a worker killed with SIGKILL; then `flask check-db`.
+activation in the middle, optionally a worker killed with SIGKILL; then `flask models check`.
 
 Prints the counts by status and error code, the answers checked against the model that gave them
 (none may be mixed or lost), and the workers' memory in the first and last quarter of the run.
@@ -64,9 +64,9 @@ def expected_answers(instance: Path) -> dict[int, list[dict[str, float]]]:
 
 
 def _decode(data: bytes, loaded) -> np.ndarray:
-    from predictor import load_image
+    from predictor import decode_image
 
-    return load_image(data, loaded.predictor.spec.image_size)
+    return decode_image(data, loaded.predictor.spec.image_size)
 
 
 def add_second_model(instance: Path) -> None:
@@ -142,7 +142,7 @@ def main() -> int:
             rss_samples["first_quarter"] = server.worker_memory_by_pid()
         if done == args.requests // 2:
             subprocess.run(
-                [sys.executable, "-m", "flask", "--app", "app", "activate", str(model_ids[-1])],
+                [sys.executable, "-m", "flask", "--app", "app", "models", "activate", str(model_ids[-1])],
                 cwd=ROOT,
                 env={**os.environ, "INSTANCE_PATH": str(instance)},
                 check=True,
@@ -191,7 +191,7 @@ def main() -> int:
         thread.join()
     server.stop()
     check = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "app", "check-db"],
+        [sys.executable, "-m", "flask", "--app", "app", "models", "check"],
         cwd=ROOT,
         env={**os.environ, "INSTANCE_PATH": str(instance)},
         capture_output=True,

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CIFAR10, image_bytes, random_image_bytes
 
 import model_store
-from app import create_app
-from tests.conftest import CIFAR10, image_bytes, random_image_bytes
 
 
 def post_page(client, *files):
@@ -138,20 +137,16 @@ def test_models_api_has_no_blobs(client):
     assert "blob" not in model and model["class_names"] == CIFAR10 and model["is_active"] is True
 
 
-def test_healthz_ready_and_not_ready(client, tmp_path):
-    body = client.get("/healthz").get_json()
-    assert client.get("/healthz").status_code == 200 and body["ready"] and body["model"]["name"] == "seed"
-    empty = create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": str(tmp_path / "empty"),
-            "SECRET_KEY": "x",
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'empty.sqlite'}",
-        }
-    )
-    with empty.app_context():
+def test_healthz_is_ready_with_a_model(client):
+    response = client.get("/healthz")
+    body = response.get_json()
+    assert response.status_code == 200 and body["ready"] and body["model"]["name"] == "seed"
+
+
+def test_healthz_is_not_ready_without_a_model(bare_app):
+    with bare_app.app_context():
         model_store.init_db()
-    response = empty.test_client().get("/healthz")
+    response = bare_app.test_client().get("/healthz")
     assert response.status_code == 503 and response.get_json()["ready"] is False
 
 

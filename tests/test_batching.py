@@ -6,10 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import image_bytes, random_image_bytes
 
-from app import create_app
 from batching import MicroBatcher
-from tests.conftest import image_bytes, random_image_bytes
 
 
 def row_ids(images: np.ndarray) -> np.ndarray:
@@ -63,23 +62,9 @@ def test_full_batches_skip_the_queue_and_closed_batchers_answer_directly():
 
 
 @pytest.fixture
-def batching_app(tmp_path, seed_model_file):
-    import model_store
-
-    app = create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": str(tmp_path / "instance"),
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'b.sqlite'}",
-            "SECRET_KEY": "test",
-            "BATCHING_ENABLED": True,
-            "BATCH_MAX_WAIT_MS": 20,
-        }
-    )
-    with app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
-    return app
+def batching_app(app, make_app):
+    """A second app on the same database as `app`, with dynamic batching on."""
+    return make_app(instance="batching", BATCHING_ENABLED=True, BATCH_MAX_WAIT_MS=20)
 
 
 def test_batched_api_answers_equal_unbatched(app, batching_app):

@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import image_bytes
 
 import model_store
-from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

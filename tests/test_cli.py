@@ -2,8 +2,9 @@
 
 import json
 
+from helpers import image_bytes, random_image_bytes
+
 import model_store
-from tests.conftest import image_bytes, random_image_bytes
 
 
 def test_init_db_is_idempotent(runner):
@@ -12,29 +13,29 @@ def test_init_db_is_idempotent(runner):
 
 
 def test_import_list_activate_export_delete(app, runner, other_model_file, tmp_path):
-    result = runner.invoke(args=["import-model", str(other_model_file), "--name", "other"])
+    result = runner.invoke(args=["models", "import", str(other_model_file), "--name", "other"])
     assert result.exit_code == 0 and "other v1 (inactive" in result.output
-    listing = runner.invoke(args=["models"]).output
+    listing = runner.invoke(args=["models", "list"]).output
     assert "seed" in listing and "other" in listing
     with app.app_context():
         other_id = next(r.id for r in model_store.list_models() if r.name == "other")
-    assert runner.invoke(args=["activate", str(other_id)]).exit_code == 0
+    assert runner.invoke(args=["models", "activate", str(other_id)]).exit_code == 0
     with app.app_context():
         assert model_store.get_active().id == other_id
     out = tmp_path / "exported.h5"
-    assert runner.invoke(args=["export", str(other_id), str(out)]).exit_code == 0
+    assert runner.invoke(args=["models", "export", str(other_id), str(out)]).exit_code == 0
     assert out.read_bytes() == other_model_file.read_bytes()
-    refused = runner.invoke(args=["delete", str(other_id)])
+    refused = runner.invoke(args=["models", "delete", str(other_id)])
     assert refused.exit_code == 1 and "active model" in refused.output
     seed_id = next(i for i in (1, 2) if i != other_id)
-    assert runner.invoke(args=["delete", str(seed_id)]).exit_code == 0
+    assert runner.invoke(args=["models", "delete", str(seed_id)]).exit_code == 0
     with app.app_context():
         assert [r.id for r in model_store.list_models()] == [other_id]
 
 
 def test_import_reads_classes_flag_and_metrics_sidecar(app, runner, three_class_model_file, tmp_path):
     result = runner.invoke(
-        args=["import-model", str(three_class_model_file), "--classes", "cat, dog ,cow", "--activate"]
+        args=["models", "import", str(three_class_model_file), "--classes", "cat, dog ,cow", "--activate"]
     )
     assert result.exit_code == 0, result.output
     with app.app_context():
@@ -43,7 +44,7 @@ def test_import_reads_classes_flag_and_metrics_sidecar(app, runner, three_class_
     trained.mkdir()
     (trained / "model.keras").write_bytes(three_class_model_file.read_bytes())
     (trained / "metrics.json").write_text(json.dumps({"class_names": ["x", "y", "z"], "test_accuracy": 0.9}))
-    assert runner.invoke(args=["import-model", str(trained / "model.keras"), "--name", "t"]).exit_code == 0
+    assert runner.invoke(args=["models", "import", str(trained / "model.keras"), "--name", "t"]).exit_code == 0
     with app.app_context():
         row = next(r for r in model_store.list_models() if r.name == "t")
         assert row.class_names == ["x", "y", "z"] and row.metrics["test_accuracy"] == 0.9
@@ -53,9 +54,9 @@ def test_import_refusals_exit_non_zero_and_store_nothing(app, runner, tmp_path, 
     bad = tmp_path / "bad.h5"
     bad.write_text("nope")
     for args in (
-        ["import-model", str(bad)],
-        ["import-model", str(tmp_path / "missing.h5")],
-        ["import-model", str(seed_model_file), "--classes", "a,b"],
+        ["models", "import", str(bad)],
+        ["models", "import", str(tmp_path / "missing.h5")],
+        ["models", "import", str(seed_model_file), "--classes", "a,b"],
     ):
         result = runner.invoke(args=args)
         assert result.exit_code != 0 and "Error" in result.output
@@ -64,14 +65,18 @@ def test_import_refusals_exit_non_zero_and_store_nothing(app, runner, tmp_path, 
 
 
 def test_import_if_empty_skips_a_filled_registry(app, runner, seed_model_file):
-    result = runner.invoke(args=["import-model", str(seed_model_file), "--if-empty"])
+    result = runner.invoke(args=["models", "import", str(seed_model_file), "--if-empty"])
     assert result.exit_code == 0 and "nothing imported" in result.output
     with app.app_context():
         assert len(model_store.list_models()) == 1
 
 
 def test_unknown_ids_fail_clearly(runner, tmp_path):
-    for args in (["activate", "42"], ["export", "42", str(tmp_path / "x.h5")], ["delete", "42"]):
+    for args in (
+        ["models", "activate", "42"],
+        ["models", "export", "42", str(tmp_path / "x.h5")],
+        ["models", "delete", "42"],
+    ):
         result = runner.invoke(args=args)
         assert result.exit_code == 1 and "no model with id 42" in result.output
 
@@ -93,10 +98,10 @@ def test_predict_prints_top_classes(runner, tmp_path):
 
 
 def test_check_db_finds_a_corrupt_blob(app, runner):
-    assert runner.invoke(args=["check-db"]).exit_code == 0
+    assert runner.invoke(args=["models", "check"]).exit_code == 0
     with app.app_context():
         row = model_store.get_active()
         row.blob = b"x" + row.blob[1:]
         model_store.db.session.commit()
-    result = runner.invoke(args=["check-db"])
+    result = runner.invoke(args=["models", "check"])
     assert result.exit_code == 1 and "CORRUPT" in result.output

@@ -10,17 +10,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import build_seed_like_model, image_bytes, random_image_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import text, update
 
-import history
 import model_store
-from app import create_app
-from model_store import ModelStoreError, ModelVersion, db
+import predictions
+from database import db
+from model_store import ModelStoreError, ModelVersion
 from predictor import softmax
-from tests.conftest import image_bytes, random_image_bytes
+from web.extensions import model_serving
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -158,19 +159,18 @@ def test_any_valid_image_gets_probabilities_summing_to_one(client, width, height
     assert abs(sum(probabilities.values()) - 1) < 1e-4
 
 
-def test_secret_key_is_generated_in_the_instance_folder(tmp_path):
-    config = {"INSTANCE_PATH": str(tmp_path / "inst"), "SQLALCHEMY_DATABASE_URI": "sqlite://"}
-    first = create_app(dict(config))
-    key_file = tmp_path / "inst" / "secret_key"
+def test_secret_key_is_generated_in_the_instance_folder(make_app):
+    first = make_app(instance="inst", SECRET_KEY=None)
+    key_file = Path(first.instance_path) / "secret_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert first.secret_key == key_file.read_text().strip() and len(first.secret_key) == 64
-    assert create_app(dict(config)).secret_key == first.secret_key
+    assert make_app(instance="inst", SECRET_KEY=None).secret_key == first.secret_key
 
 
 def test_no_web_route_changes_the_registry(app):
     writes = {rule.rule for rule in app.url_map.iter_rules() if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}}
     # Two routes classify (and record history); one records feedback. None touches the models.
-    assert writes == {"/", "/api/v1/predict", "/predictions/<int:prediction_id>/feedback"}
+    assert writes == {"/", "/api/v1/predict", "/predictions/<int(max=2147483647):prediction_id>/feedback"}
 
 
 def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp_path):
@@ -208,10 +208,10 @@ def test_corrupt_active_model_keeps_the_last_good_one_serving(app, client, other
     assert list(Path(app.config["MODEL_CACHE_DIR"]).glob("*.tmp*")) == []
 
 
-def test_corrupt_active_model_at_start_up_is_reported_not_crashed(app, other_model_file):
+def test_corrupt_active_model_at_start_up_is_reported_not_crashed(app, make_app, other_model_file):
     with app.app_context():
         _corrupt_and_activate(other_model_file)
-    fresh = create_app({**app.config, "MODEL_CACHE_DIR": str(Path(app.instance_path) / "fresh-cache")})
+    fresh = make_app(MODEL_CACHE_DIR=str(Path(app.instance_path) / "fresh-cache"))
     client = fresh.test_client()
     assert client.get("/healthz").status_code == 503
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
@@ -280,7 +280,6 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
 
 
 def _nan_model_file(path: Path) -> Path:
-    from tests.conftest import build_seed_like_model
 
     model = build_seed_like_model()
     model.layers[-1].kernel.assign(np.full(model.layers[-1].kernel.shape, np.nan, np.float32))
@@ -306,14 +305,13 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
         Predictor(model, ModelSpec(tuple(model_store.CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
             np.zeros((1, 32, 32, 3), np.uint8)
         )
-    holder = app.extensions["model_holder"]
     with app.app_context():
-        loaded = holder.current()
+        loaded = model_serving.holder.current()
     loaded.predictor.model.layers[-1].kernel.assign(np.full((loaded.predictor.model.layers[-1].kernel.shape), np.nan))
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
     with app.app_context():
-        assert list(history.db.session.scalars(history.query())) == []  # nothing half-recorded
+        assert list(db.session.scalars(predictions.query())) == []  # nothing half-recorded
 
 
 def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_model_file, monkeypatch):
@@ -341,7 +339,7 @@ def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_fi
         seed_id = next(r.id for r in model_store.list_models() if r.name == "seed")
         model_store.activate(seed_id)
         model_store.delete(other_id)
-        row = history.db.session.scalars(history.query()).first()
+        row = db.session.scalars(predictions.query()).first()
         assert (row.model_id, row.model_name) == (None, "other")
 
 

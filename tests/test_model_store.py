@@ -4,13 +4,13 @@ import hashlib
 
 import numpy as np
 import pytest
+from helpers import CIFAR10, build_seed_like_model
 from sqlalchemy.exc import IntegrityError
 
 import model_store
 from model_store import ModelStoreError, ModelVersion, db
 from predictor import softmax
 from serving import load_version
-from tests.conftest import CIFAR10, build_seed_like_model
 
 
 def snapshot():

@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import POSTGRES_URL, image_bytes
+from helpers import POSTGRES_URL, image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
@@ -81,7 +80,8 @@ def test_two_instances_share_one_registry(app, tmp_path, other_model_file):
                 "flask",
                 "--app",
                 "app",
-                "import-model",
+                "models",
+                "import",
                 str(other_model_file),
                 "--name",
                 "shared",

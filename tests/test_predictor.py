@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import build_seed_like_model, image_bytes
 from PIL import Image
 
 from predictor import (
@@ -11,11 +12,10 @@ from predictor import (
     ModelSpec,
     Predictor,
     _decode_rgb,
-    load_image,
+    decode_image,
     open_image,
     softmax,
 )
-from tests.conftest import build_seed_like_model, image_bytes
 
 
 def encode(image: Image.Image, fmt: str, **save) -> bytes:
@@ -42,7 +42,7 @@ def encode(image: Image.Image, fmt: str, **save) -> bytes:
 )
 def test_every_mode_becomes_rgb(mode, color, fmt, expected):
     data = encode(Image.new(mode, (40, 40), color), fmt)
-    pixels = load_image(data, (32, 32))
+    pixels = decode_image(data, (32, 32))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - expected).max() <= 6
 
@@ -50,8 +50,8 @@ def test_every_mode_becomes_rgb(mode, color, fmt, expected):
 def test_palette_with_transparency_and_gif():
     palette = Image.new("P", (20, 20), 0)
     palette.putpalette([255, 0, 0] + [0, 255, 0] * 255)
-    assert load_image(encode(palette, "PNG", transparency=0), (8, 8))[0, 0].tolist() == [255, 255, 255]
-    assert load_image(encode(palette, "GIF"), (8, 8))[0, 0].tolist() == [255, 0, 0]
+    assert decode_image(encode(palette, "PNG", transparency=0), (8, 8))[0, 0].tolist() == [255, 255, 255]
+    assert decode_image(encode(palette, "GIF"), (8, 8))[0, 0].tolist() == [255, 0, 0]
 
 
 def test_exif_orientation_is_applied():
@@ -72,7 +72,7 @@ def test_exif_orientation_is_applied():
 def test_centre_crop_to_the_model_aspect():
     wide = Image.new("RGB", (300, 100), (255, 0, 0))
     wide.paste((0, 255, 0), (100, 0, 200, 100))  # the centre square is green
-    pixels = load_image(encode(wide, "PNG"), (32, 32)).astype(int)
+    pixels = decode_image(encode(wide, "PNG"), (32, 32)).astype(int)
     # Resampling may blend a pixel of the cropped-off red into the outermost columns only.
     assert (pixels[:, 1:-1, 1] > 240).all() and (pixels[:, 1:-1, 0] < 15).all()
     assert (pixels[:, :, 1] > 200).all() and (pixels[:, :, 0] < 60).all()
@@ -82,40 +82,40 @@ def test_large_jpeg_is_decoded_in_draft_mode():
     data = encode(Image.new("RGB", (4000, 3000), (90, 90, 90)), "JPEG")
     decoded = _decode_rgb(open_image(data), 64)
     assert decoded.size == (500, 375)  # 1/8 scale, not 12 megapixels
-    assert load_image(data, (32, 32)).shape == (32, 32, 3)
+    assert decode_image(data, (32, 32)).shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize(
-    ("data", "status"),
+    ("data", "code"),
     [
-        (b"", 400),
-        (b"\x00\x01 random bytes that are no image", 415),
-        (b"hello, this is text named .jpg\n", 415),
-        (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", 415),
-        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', 415),
-        (b"<!doctype html><html><body>hi</body></html>", 415),
+        (b"", "empty_file"),
+        (b"\x00\x01 random bytes that are no image", "unsupported_media_type"),
+        (b"hello, this is text named .jpg\n", "unsupported_media_type"),
+        (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "unsupported_media_type"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', "unsupported_media_type"),
+        (b"<!doctype html><html><body>hi</body></html>", "unsupported_media_type"),
     ],
 )
-def test_non_images_are_refused(data, status):
+def test_non_images_are_refused(data, code):
     with pytest.raises(ImageError) as caught:
-        load_image(data, (32, 32))
-    assert caught.value.status == status and caught.value.message
+        decode_image(data, (32, 32))
+    assert caught.value.code == code and caught.value.message
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_images_are_refused(fmt):
     data = encode(Image.effect_noise((256, 256), 64).convert("RGB"), fmt)
     with pytest.raises(ImageError) as caught:
-        load_image(data[: len(data) // 2], (32, 32))
-    assert caught.value.status == 400
+        decode_image(data[: len(data) // 2], (32, 32))
+    assert caught.value.code == "corrupt_image"
 
 
 def test_pixel_limit_is_checked_before_decoding():
     data = image_bytes("PNG", size=(400, 300))
     with pytest.raises(ImageError) as caught:
-        load_image(data, (32, 32), max_pixels=100_000)
-    assert caught.value.status == 413
-    assert load_image(data, (32, 32), max_pixels=120_000).shape == (32, 32, 3)
+        decode_image(data, (32, 32), max_pixels=100_000)
+    assert caught.value.code == "too_many_pixels"
+    assert decode_image(data, (32, 32), max_pixels=120_000).shape == (32, 32, 3)
 
 
 def test_softmax_sums_to_one_and_keeps_order():

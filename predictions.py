@@ -7,7 +7,7 @@ marked images export as an image-folder data set that `train.py --data` reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +15,9 @@ from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-from model_store import ModelVersion, db, sha256_of
+from database import db
+from model_store import ModelVersion
+from serving import ClassifiedImage
 
 VERDICTS = ("right", "wrong")
 
@@ -23,9 +25,13 @@ VERDICTS = ("right", "wrong")
 class HistoryError(Exception):
     """A history operation that cannot be done; the message says why."""
 
+    code = "bad_feedback"
+
 
 class PredictionNotFound(HistoryError):
     """No prediction with that id."""
+
+    code = "not_found"
 
 
 class PredictionRecord(db.Model):
@@ -58,19 +64,9 @@ class PredictionRecord(db.Model):
         return None
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """What to record for one image."""
-
-    filename: str
-    data: bytes
-    top_class: str
-    confidence: float
-    thumbnail: bytes | None
-
-
-def record(items: list[Recorded], model, source: str) -> list[int]:
-    """Store predictions made by `model` (a LoadedModel) in one transaction; returns their ids."""
+def record(images: list[ClassifiedImage], model, source: str, keep_images: bool) -> list[ClassifiedImage]:
+    """Store predictions made by `model` (a LoadedModel) in one transaction; returns the images
+    with their history ids. Thumbnails are kept only when `keep_images` is on."""
     now = datetime.now(UTC)
     rows = [
         PredictionRecord(
@@ -79,13 +75,13 @@ def record(items: list[Recorded], model, source: str) -> list[int]:
             model_name=model.name,
             model_version=model.version,
             source=source,
-            filename=item.filename,
-            top_class=item.top_class,
-            confidence=item.confidence,
-            image_sha256=sha256_of(item.data),
-            thumbnail=item.thumbnail,
+            filename=image.filename,
+            top_class=image.prediction.top_class,
+            confidence=image.prediction.top_probability,
+            image_sha256=image.image_sha256,
+            thumbnail=image.thumbnail if keep_images else None,
         )
-        for item in items
+        for image in images
     ]
     db.session.add_all(rows)
     try:
@@ -98,7 +94,7 @@ def record(items: list[Recorded], model, source: str) -> list[int]:
             row.model_id = None
         db.session.add_all(rows)
         db.session.commit()
-    return [row.id for row in rows]
+    return [replace(image, history_id=row.id) for image, row in zip(images, rows, strict=True)]
 
 
 def query(top_class: str | None = None, model_id: int | None = None):

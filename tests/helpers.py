@@ -1,0 +1,48 @@
+"""Helpers the tests share: tiny real Keras models and encoded images."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+import model_store
+
+CIFAR10 = list(model_store.CIFAR10_CLASSES)
+# CI runs the suite a second time against PostgreSQL with this set (see .ci/run).
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL")
+
+
+def build_seed_like_model(num_classes: int = 10, random_seed: int = 0):
+    """A small Sequential CNN shaped like the seed document's: 32x32x3 in [0, 1], logits out."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(random_seed)
+    return keras.Sequential(
+        [
+            keras.Input(shape=(32, 32, 3)),
+            layers.Conv2D(4, (3, 3), activation="relu"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Flatten(),
+            layers.Dense(num_classes),
+        ]
+    )
+
+
+def image_bytes(fmt: str = "JPEG", size=(32, 32), color=(200, 30, 30), mode: str = "RGB", **save) -> bytes:
+    """An encoded image of one colour."""
+    image = Image.new(mode, size, color)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def random_image_bytes(seed: int = 0, size=(32, 32), fmt: str = "PNG") -> bytes:
+    """An encoded image of random pixels, different for each seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""The web layer: page and API blueprints, the request helpers they share, and the error edge."""

@@ -1,0 +1,97 @@
+"""The error edge: every error the app answers has a machine-readable code, and this table maps
+codes to HTTP statuses. Domain modules raise errors with a code; only this module knows statuses.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+STATUS_BY_CODE = {
+    "no_file": 400,
+    "empty_file": 400,
+    "corrupt_image": 400,
+    "bad_image": 400,
+    "bad_top_k": 400,
+    "bad_feedback": 400,
+    "csrf": 400,
+    "cross_site": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "too_many_images": 413,
+    "too_many_pixels": 413,
+    "unsupported_media_type": 415,
+    "registry": 409,
+    "model_output": 500,
+    "internal": 500,
+    "no_model": 503,
+}
+
+
+class WebError(Exception):
+    """An error found at the web edge (a request without a file, a bad parameter, no model)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def describe(exc: Exception) -> tuple[str, str, int]:
+    """(message, code, status) for any exception a view can raise."""
+    if isinstance(exc, RequestEntityTooLarge):
+        limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        _discard_body(4 * current_app.config["MAX_CONTENT_LENGTH"])
+        return f"The upload is too large: the limit is {limit_mb:g} MB per request.", "too_large", 413
+    if isinstance(exc, CSRFError):
+        message = f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again."
+        return message, "csrf", 400
+    if isinstance(exc, HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return exc.description or exc.name, code, exc.code or 500
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in STATUS_BY_CODE:
+        if code == "model_output":
+            current_app.logger.error("model output: %s", exc)
+        return getattr(exc, "message", str(exc)), code, STATUS_BY_CODE[code]
+    current_app.logger.exception("unexpected error")
+    return "Something went wrong on our side; the error was logged.", "internal", 500
+
+
+def json_error(exc: Exception):
+    """The JSON answer for an error: {"error": {"code", "message"}} with its status."""
+    message, code, status = describe(exc)
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def html_error(exc: Exception):
+    """The error page for an error, with its status."""
+    message, _code, status = describe(exc)
+    return render_template("error.html", message=message, status_code=status), status
+
+
+def _discard_body(cap: int) -> None:
+    """Read and drop an unread request body of up to `cap` bytes.
+
+    A client still sending when the server answers 413 and closes sees a broken pipe, not the
+    answer; draining a moderately oversized body lets it read the 413. Larger bodies are not
+    drained: the server closes the connection instead.
+    """
+    length = request.content_length or 0
+    if length > cap:
+        return
+    stream = request.environ.get("wsgi.input")
+    remaining = length
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+
+
+def init_app(app: Flask, api_prefix: str) -> None:
+    """The fallback for errors no blueprint sees: unrouted paths (404) and wrong methods (405)."""
+
+    @app.errorhandler(Exception)
+    def fallback(exc: Exception):
+        return json_error(exc) if request.path.startswith(api_prefix) else html_error(exc)

@@ -1,0 +1,118 @@
+"""The server-rendered pages: upload and results, prediction history with feedback, the models
+and their cards. Errors render as HTML; on the upload page they show above the form."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+
+import model_store
+import predictions
+import reports
+from database import db
+from web.errors import describe, html_error
+from web.uploads import classify_request
+
+bp = Blueprint("pages", __name__)
+
+# Ids and page numbers beyond what the database's integer columns hold are answered 404 here,
+# before they reach the database (SQLite raises OverflowError on them).
+MAX_ID = 2**31 - 1
+HISTORY_PAGE_SIZE = 20
+
+
+@bp.errorhandler(Exception)
+def page_error(exc: Exception):
+    if request.path == url_for("pages.index"):
+        message, _code, status = describe(exc)
+        return render_template("index.html", error=message), status
+    return html_error(exc)
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html")
+
+
+@bp.post("/")
+def classify():
+    answered_by, result = classify_request("web", thumbnails=True)
+    return render_template("index.html", results=result.images, answered_by=answered_by, elapsed_ms=result.elapsed_ms)
+
+
+def _bounded_arg(name: str) -> int | None:
+    """An integer query parameter, None when absent or not a number, 404 when out of range."""
+    value = request.args.get(name, type=int)
+    if value is not None and not 0 < value <= MAX_ID:
+        abort(404)
+    return value
+
+
+@bp.get("/history")
+def history():
+    top_class = request.args.get("class") or None
+    model_id = _bounded_arg("model")
+    page_number = _bounded_arg("page") or 1
+    if page_number * HISTORY_PAGE_SIZE > MAX_ID:
+        abort(404)
+    page = db.paginate(
+        predictions.query(top_class, model_id), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
+    )
+    return render_template(
+        "history.html",
+        page=page,
+        top_class=top_class,
+        model_id=model_id,
+        models=model_store.list_models(),
+        feedback=predictions.feedback_by_model(),
+        class_names=_known_classes(),
+    )
+
+
+@bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/thumbnail.jpg")
+def prediction_thumbnail(prediction_id: int):
+    thumbnail = predictions.get(prediction_id).thumbnail
+    if not thumbnail:
+        abort(404)
+    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+
+@bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/feedback")
+def prediction_feedback(prediction_id: int):
+    verdict = request.form.get("verdict", "")
+    correct_class = request.form.get("correct_class") or None
+    row = predictions.set_feedback(prediction_id, verdict, correct_class)
+    note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
+    flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
+    return redirect(url_for("pages.history", _anchor=f"p{row.id}"))
+
+
+@bp.get("/models")
+def models():
+    return render_template("models.html", models=model_store.list_models())
+
+
+@bp.get(f"/models/<int(max={MAX_ID}):model_id>")
+def model_card(model_id: int):
+    return render_template("model_card.html", model=model_store.get_model(model_id))
+
+
+@bp.get(f"/models/<int(max={MAX_ID}):model_id>/<any(curves, confusion):plot>.png")
+def model_plot(model_id: int, plot: str):
+    row = model_store.get_model(model_id)
+    metrics = row.metrics
+    if plot == "curves" and metrics.get("history"):
+        png = reports.curves_png(metrics["history"])
+    elif plot == "confusion" and metrics.get("confusion_matrix"):
+        names = metrics.get("class_names") or row.class_names
+        png = reports.confusion_png(metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0))
+    else:
+        abort(404)
+    return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _known_classes() -> list[str]:
+    """Every class name of every stored model, for the history filter."""
+    names: dict[str, None] = {}
+    for row in model_store.list_models():
+        names.update(dict.fromkeys(row.class_names))
+    return list(names)

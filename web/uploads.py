@@ -1,0 +1,50 @@
+"""What the page and the API share: reading the images of a request and classifying them with
+the served model, recorded in the prediction history when that is on."""
+
+from __future__ import annotations
+
+from flask import current_app, request
+
+import predictions
+from serving import Classification, LoadedModel, Upload, classify, clean_filename
+from web.errors import WebError
+from web.extensions import model_serving
+
+THUMBNAIL_SIDE = 128
+
+
+def uploads_from_request(field: str = "image") -> list[Upload]:
+    """The images of a request: multipart field `field` (repeatable) or a raw image body."""
+    content_type = (request.mimetype or "").lower()
+    if content_type.startswith("image/"):
+        data = request.get_data(cache=False)
+        uploads = [Upload(clean_filename(request.args.get("filename"), "upload"), data)]
+    elif content_type == "multipart/form-data":
+        files = [f for f in request.files.getlist(field) if f.filename or f.content_length]
+        uploads = [Upload(clean_filename(f.filename), f.read()) for f in files]
+    else:
+        raise WebError(
+            f"Send images as multipart/form-data field '{field}' or as a raw body with an image/* content type.",
+            "unsupported_media_type" if request.content_length else "no_file",
+        )
+    if not uploads:
+        raise WebError(f"No image was sent: choose a file (multipart field '{field}').", "no_file")
+    limit = current_app.config["MAX_IMAGES_PER_REQUEST"]
+    if len(uploads) > limit:
+        raise WebError(f"Too many images: {len(uploads)} sent, at most {limit} per request.", "too_many_images")
+    return uploads
+
+
+def classify_request(source: str, thumbnails: bool) -> tuple[LoadedModel, Classification]:
+    """Classify the request's images with the active model; each image carries its history id
+    once recorded. Thumbnails are made when asked or when the history keeps them."""
+    config = current_app.config
+    uploads = uploads_from_request()
+    keep_images = bool(config["KEEP_IMAGES"])
+    loaded = model_serving.active()
+    side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
+    result = classify(uploads, loaded, config["MAX_IMAGE_PIXELS"], side)
+    if config["RECORD_HISTORY"]:
+        recorded = predictions.record(result.images, loaded, source, keep_images)
+        result = Classification(recorded, result.elapsed_ms)
+    return loaded, result
