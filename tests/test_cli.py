@@ -53,13 +53,17 @@ def test_import_reads_classes_flag_and_metrics_sidecar(app, runner, three_class_
 def test_import_refusals_exit_non_zero_and_store_nothing(app, runner, tmp_path, seed_model_file):
     bad = tmp_path / "bad.h5"
     bad.write_text("nope")
-    for args in (
-        ["models", "import", str(bad)],
-        ["models", "import", str(tmp_path / "missing.h5")],
-        ["models", "import", str(seed_model_file), "--classes", "a,b"],
+    # Each refusal names its own reason: any click failure (an unknown option, say) prints "Error".
+    for args, reason in (
+        (["models", "import", str(bad)], "import refused, nothing was stored: not a Keras model file"),
+        (["models", "import", str(tmp_path / "missing.h5")], f"no such file: {tmp_path / 'missing.h5'}"),
+        (
+            ["models", "import", str(seed_model_file), "--classes", "a,b"],
+            "the model has 10 outputs but 2 class names were given",
+        ),
     ):
         result = runner.invoke(args=args)
-        assert result.exit_code != 0 and "Error" in result.output
+        assert result.exit_code == 1 and reason in result.output, result.output
     with app.app_context():
         assert len(model_store.list_models()) == 1
 
