@@ -126,8 +126,18 @@ def test_api_errors_are_json(client, kwargs, status, code):
 
 
 def test_api_unknown_route_and_method_are_json(client):
-    assert client.get("/api/v1/nothing").get_json()["error"]["code"] == "not_found"
-    assert client.get("/api/v1/predict").status_code == 405
+    missing = client.get("/api/v1/nothing")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "not_found"
+    wrong_method = client.get("/api/v1/predict")
+    assert wrong_method.status_code == 405 and wrong_method.mimetype == "application/json"
+    error = wrong_method.get_json()["error"]
+    assert error["code"] == "method_not_allowed" and error["message"]
+
+
+def test_page_unknown_route_and_method_are_html(client):
+    for response, status in ((client.get("/nothing"), 404), (client.post("/history"), 405)):
+        assert response.status_code == status and response.mimetype == "text/html"
+        assert f"{status}" in response.get_data(as_text=True) and response.get_json(silent=True) is None
 
 
 def test_models_api_has_no_blobs(client):
