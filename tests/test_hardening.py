@@ -36,9 +36,19 @@ def huge_png(width: int = 50_000, height: int = 50_000) -> bytes:
 
 
 def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    """Three frames of different random pixels, so that each frame gets its own answer."""
+    frames = [Image.open(io.BytesIO(random_image_bytes(seed))) for seed in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def gif_frame_as_png(gif: bytes, index: int) -> bytes:
+    """One frame of a GIF, as Pillow decodes it, in a lossless single-image file."""
+    image = Image.open(io.BytesIO(gif))
+    image.seek(index)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -83,8 +93,16 @@ def test_bomb_is_refused_before_any_large_allocation(client):
 
 
 def test_animated_gif_uses_its_first_frame(client):
-    response = client.post("/api/v1/predict", data=animated_gif(), content_type="image/gif")
-    assert response.status_code == 200
+    def probabilities(data: bytes, content_type: str) -> list[float]:
+        response = client.post("/api/v1/predict", data=data, content_type=content_type)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        answer = response.get_json()["predictions"][0]["probabilities"]
+        return [answer[name] for name in model_store.CIFAR10_CLASSES]
+
+    gif = animated_gif()
+    first, second = (probabilities(gif_frame_as_png(gif, index), "image/png") for index in (0, 1))
+    assert not np.allclose(first, second, atol=1e-4)  # the frames differ enough to tell apart
+    np.testing.assert_allclose(probabilities(gif, "image/gif"), first, atol=1e-6)
 
 
 @pytest.mark.parametrize(
