@@ -1,6 +1,7 @@
 """Hostile uploads, bad model files, integrity and concurrency: never a 500, nothing lost."""
 
 import io
+import itertools
 import struct
 import threading
 import zlib
@@ -11,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers import build_seed_like_model, image_bytes, random_image_bytes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import text, update
@@ -155,26 +156,57 @@ def test_arbitrary_bytes_never_cause_a_500(client, data):
         assert response.get_json()["error"]["message"]
 
 
+IMAGE_MODES = ["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "1"]
+IMAGE_FORMATS = ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]
+# The pairs Pillow refuses to write (nothing to upload); every other pair must be written and served.
+UNWRITABLE = {
+    ("LA", "JPEG"), ("RGBA", "JPEG"), ("P", "JPEG"), ("I;16", "JPEG"),
+    ("LA", "BMP"), ("CMYK", "BMP"), ("I;16", "BMP"), ("CMYK", "PNG"), ("CMYK", "GIF"),
+}  # fmt: skip
+
+
+def random_image(mode: str, fmt: str, width: int, height: int, seed: int) -> bytes:
+    """Random pixels in `mode`, encoded as `fmt` (raises where Pillow cannot write the pair)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def served_with_probabilities_summing_to_one(client, data: bytes, fmt: str) -> bool:
+    response = client.post("/api/v1/predict", data=data, content_type="image/" + fmt.lower())
+    if response.status_code != 200:
+        return False
+    probabilities = response.get_json()["predictions"][0]["probabilities"]
+    return abs(sum(probabilities.values()) - 1) < 1e-4
+
+
+def test_every_mode_and_format_pillow_writes_is_served(client):
+    """Each of the 48 pairs once: Pillow refuses exactly the unwritable ones, the app serves the rest."""
+    refused, not_served = set(), set()
+    for mode, fmt in itertools.product(IMAGE_MODES, IMAGE_FORMATS):
+        try:
+            data = random_image(mode, fmt, 37, 23, seed=0)
+        except (OSError, ValueError, KeyError):
+            refused.add((mode, fmt))
+            continue
+        if not served_with_probabilities_summing_to_one(client, data, fmt):
+            not_served.add((mode, fmt))
+    assert refused == UNWRITABLE and not_served == set()
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     width=st.integers(1, 300),
     height=st.integers(1, 300),
-    mode=st.sampled_from(["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16", "1"]),
-    fmt=st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]),
+    mode=st.sampled_from(IMAGE_MODES),
+    fmt=st.sampled_from(IMAGE_FORMATS),
     seed=st.integers(0, 2**16),
 )
 def test_any_valid_image_gets_probabilities_summing_to_one(client, width, height, mode, fmt, seed):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
-    image = Image.fromarray(pixels, "RGBA").convert(mode)
-    buffer = io.BytesIO()
-    try:
-        image.save(buffer, fmt)
-    except (OSError, ValueError, KeyError):
-        return  # Pillow cannot write this mode in this format; nothing to upload
-    response = client.post("/api/v1/predict", data=buffer.getvalue(), content_type="image/" + fmt.lower())
-    assert response.status_code == 200, response.get_data(as_text=True)
-    probabilities = response.get_json()["predictions"][0]["probabilities"]
-    assert abs(sum(probabilities.values()) - 1) < 1e-4
+    # A rejected pair is replaced by a new example, so all 30 examples are uploads.
+    assume((mode, fmt) not in UNWRITABLE)
+    assert served_with_probabilities_summing_to_one(client, random_image(mode, fmt, width, height, seed), fmt)
 
 
 def test_secret_key_is_generated_in_the_instance_folder(make_app):
