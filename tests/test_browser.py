@@ -22,9 +22,12 @@ import model_store
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="no Chromium at /usr/bin/chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # gunicorn and a browser
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="no Chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -44,25 +47,41 @@ def live_server(app, tmp_path):
         "PORT": str(port),
         "WEB_WORKERS": "1",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    try:
+        wait_until_healthy(server, url, log)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # a worker still importing TensorFlow ignores the graceful stop
+            server.kill()
+            server.wait(30)
+
+
+def wait_until_healthy(server: subprocess.Popen, url: str, log: Path, timeout: float = 180.0) -> None:
+    """Return once /healthz answers 200; fail with the server's log if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
                 if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait(30)
+                    return
+        except OSError:  # not listening yet, or 503 while the model loads
+            pass
+        time.sleep(0.2)
+    state = f"exited with {server.returncode}" if server.poll() is not None else f"not healthy after {timeout:.0f} s"
+    pytest.fail(f"the server never answered 200 on /healthz ({state}); its log:\n{log.read_text()[-4000:]}")
 
 
 def test_upload_see_ten_bars_correct_it_and_find_it_in_history(app, live_server, tmp_path):

@@ -16,10 +16,13 @@ import pytest
 from helpers import POSTGRES_URL, image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    not (POSTGRES_URL or "").startswith("postgresql"),
-    reason="no PostgreSQL: set TEST_DATABASE_URL (CI runs .ci/start-postgres) to run the multi-instance tests",
-)
+pytestmark = [
+    pytest.mark.slow,  # two gunicorn servers
+    pytest.mark.skipif(
+        not (POSTGRES_URL or "").startswith("postgresql"),
+        reason="no PostgreSQL: set TEST_DATABASE_URL (CI runs .ci/start-postgres) to run the multi-instance tests",
+    ),
+]
 
 
 def free_port() -> int:
