@@ -1,9 +1,11 @@
 """Schema migrations: `init-db` creates or upgrades, and older databases keep their models."""
 
+from alembic.script import ScriptDirectory
 from flask_migrate import upgrade
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 import model_store
+from database import MIGRATIONS_DIR
 from model_store import ModelVersion, db
 
 
@@ -22,6 +24,17 @@ def test_upgrade_from_the_first_schema_keeps_the_models(bare_app, seed_model_fil
     assert bare_app.test_client().get("/history").status_code == 200
 
 
+def database_state() -> dict:
+    """The schema (tables and columns), the Alembic revision and every model row, to compare."""
+    inspector = inspect(db.engine)
+    db.session.expire_all()  # read the rows again, not the session's copies
+    return {
+        "schema": {table: [c["name"] for c in inspector.get_columns(table)] for table in inspector.get_table_names()},
+        "revision": db.session.execute(text("SELECT version_num FROM alembic_version")).scalars().all(),
+        "models": [(r.id, r.sha256, r.blob, r.is_active) for r in model_store.list_models()],
+    }
+
+
 def test_a_database_made_before_migrations_is_stamped_and_upgraded(bare_app, seed_model_file):
     with bare_app.app_context():
         ModelVersion.__table__.create(db.engine)  # what `db.create_all()` made before Alembic
@@ -31,7 +44,10 @@ def test_a_database_made_before_migrations_is_stamped_and_upgraded(bare_app, see
         tables = set(inspect(db.engine).get_table_names())
         assert {"alembic_version", "predictions"} <= tables
         assert db.session.get(ModelVersion, model_id).blob == blob
-        model_store.init_db()  # running it again changes nothing
+        upgraded = database_state()
+        assert upgraded["revision"] == [ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()]
+        model_store.init_db()
+        assert database_state() == upgraded  # running it again changes nothing
 
 
 def test_the_page_works_on_a_migrated_database(bare_app, seed_model_file):
