@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 5000
 DEFAULT_MODEL := models/default/model.h5
 
-.PHONY: install db run serve test lint train evaluate bench soak clean
+.PHONY: install db run serve test test-fast lint train evaluate bench soak clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: lint
 	else \
 		echo "== PostgreSQL run skipped: TEST_DATABASE_URL is not set (.ci/run starts a server with .ci/start-postgres)"; \
 	fi
+
+## test-fast: lint, then the suite on SQLite without the slow tests (training, gunicorn, browser)
+test-fast: lint
+	env -u TEST_DATABASE_URL $(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
