@@ -121,7 +121,7 @@ class ModelHolder:
             ).first()
             db.session.rollback()  # end the read transaction so the next poll sees new commits
             if active is None:
-                self.error = None if self._loaded else "no model is active: import one with `flask import-model`"
+                self.error = None if self._loaded else "no model is active: import one with `flask models import`"
                 return
             model_id, sha = active
             if self._loaded is not None and self._loaded.sha256 == sha and self._loaded.id == model_id:
