@@ -208,6 +208,9 @@ def main() -> int:
     parser.add_argument("--recalibrate", action="store_true", help="calibrate even if metrics.json has one")
     parser.add_argument("--test-images", type=int, help="use only this many test images (default: all)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--save-calibration", type=Path, help="write the whole calibration record here (for `serve.py --calibration`)"
+    )
     args = parser.parse_args()
 
     import calibration as cal
@@ -232,6 +235,8 @@ def main() -> int:
                 record = calibrate_folder(model, spec_of(row), args.data, args.val_fraction, args.seed)
                 model_store.set_calibration(row.id, record)
             calibrated_s = time.perf_counter() - started
+            if args.save_calibration:
+                args.save_calibration.write_text(json.dumps(record))
             loaded = load_version(row, Path(scratch))
             files, labels = cifar_test(args.data, args.test_images)
             test = serve(files, loaded)

@@ -6,12 +6,10 @@ import re
 
 import numpy as np
 import pytest
-from helpers import CIFAR10, image_bytes, random_image_bytes
+from helpers import CIFAR10, FORCED, force_calibration, image_bytes, random_image_bytes
 from PIL import Image
 
 import model_store
-from calibrate import calibrate_model
-from serving import spec_of
 
 
 def _folder(root, per_class: int = 4):
@@ -25,31 +23,6 @@ def _folder(root, per_class: int = 4):
                 pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
-
-
-def _record(app, **overrides) -> dict:
-    """A real calibration of the active model on random images, with thresholds overridden to
-    force one decision for every image."""
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
-    labels = np.arange(200) % 10
-    with app.app_context():
-        row = model_store.get_active()
-        model = model_store.load_keras_model(model_store.rehydrate(row, app.config["MODEL_CACHE_DIR"]))
-        record = calibrate_model(model, spec_of(row), images[:100], labels[:100], images[100:], labels[100:])
-        record.update({k: v for k, v in overrides.items() if k != "ood_threshold"})
-        if "ood_threshold" in overrides:
-            record["ood"]["threshold"] = overrides["ood_threshold"]
-        model_store.set_calibration(row.id, record)
-    return record
-
-
-# Thresholds that make every answer confident, unsure or unknown.
-FORCED = {
-    "confident": {"confidence_threshold": 0.0, "ood_threshold": 1e9},
-    "unsure": {"confidence_threshold": 1.0, "ood_threshold": 1e9},
-    "unknown": {"confidence_threshold": 0.0, "ood_threshold": -1e9},
-}
 
 
 def _post_page(client, data=None):
@@ -86,7 +59,7 @@ def test_flask_calibrate_refuses_a_missing_model_and_classes_the_model_lacks(app
 
 @pytest.mark.parametrize("decision", ["confident", "unsure", "unknown"])
 def test_each_decision_in_the_api_and_on_the_page(app, client, decision):
-    _record(app, **FORCED[decision])
+    force_calibration(app, **FORCED[decision])
     response = client.post(
         "/api/v1/predict",
         data={"image": (io.BytesIO(random_image_bytes()), "x.png")},
@@ -108,7 +81,7 @@ def test_each_decision_in_the_api_and_on_the_page(app, client, decision):
 
 def test_served_probabilities_are_the_calibrated_ones(app, client):
     plain = client.post("/api/v1/predict", data=random_image_bytes(), content_type="image/png").get_json()
-    record = _record(app, **FORCED["confident"])
+    record = force_calibration(app, **FORCED["confident"])
     calibrated = client.post("/api/v1/predict", data=random_image_bytes(), content_type="image/png").get_json()
     logits = np.log([plain["predictions"][0]["probabilities"][name] for name in CIFAR10])
     if record["logit_norm"] == "l2":
@@ -130,9 +103,9 @@ def test_an_uncalibrated_model_serves_plain_softmax_and_always_confident(app, cl
 
 
 def test_history_records_and_filters_decisions_and_counts_none_of_these(app, client):
-    _record(app, **FORCED["unknown"])
+    force_calibration(app, **FORCED["unknown"])
     _post_page(client)
-    _record(app, **FORCED["unsure"])
+    force_calibration(app, **FORCED["unsure"])
     _post_page(client)
     unknown = client.get("/history?decision=unknown").get_data(as_text=True)
     assert unknown.count('class="history-row"') == 1 and "decision-tag decision-unknown" in unknown
@@ -146,7 +119,7 @@ def test_history_records_and_filters_decisions_and_counts_none_of_these(app, cli
 
 
 def test_flask_predict_prints_the_decision(app, runner, tmp_path):
-    _record(app, **FORCED["unsure"])
+    force_calibration(app, **FORCED["unsure"])
     photo = tmp_path / "a.png"
     photo.write_bytes(random_image_bytes())
     result = runner.invoke(args=["predict", str(photo)])
@@ -157,13 +130,13 @@ def test_flask_predict_prints_the_decision(app, runner, tmp_path):
 def test_a_running_server_picks_up_a_new_calibration_of_its_model(app, client):
     first = client.post("/api/v1/predict", data=random_image_bytes(), content_type="image/png").get_json()
     assert first["predictions"][0]["decision"] == "confident"
-    _record(app, **FORCED["unknown"])
+    force_calibration(app, **FORCED["unknown"])
     again = client.post("/api/v1/predict", data=random_image_bytes(), content_type="image/png").get_json()
     assert again["predictions"][0]["decision"] == "unknown"
 
 
 def test_a_model_imported_with_a_calibration_in_its_metrics_stores_it(app, seed_model_file):
-    record = _record(app, **FORCED["unsure"])
+    record = force_calibration(app, **FORCED["unsure"])
     with app.app_context():
         row = model_store.import_model(seed_model_file, name="trained", metrics={"calibration": record})
         assert model_store.get_calibration(row.id)["confidence_threshold"] == 1.0
