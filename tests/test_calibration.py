@@ -110,7 +110,8 @@ def test_ood_threshold_passes_95_percent_of_held_out_images_and_flags_strange_on
     flat_logits = rng.normal(0, 1, (500, 3))
     assert (stats.scores(flat_logits, [strange]) > stats.threshold).mean() > 0.95
     again = ood.OodStats.from_record(stats.to_record())
-    np.testing.assert_allclose(again.scores(logits, [heldout]), stats.scores(logits, [heldout]), rtol=1e-4)
+    # Stored at float32 precision: scores agree to well under a thousandth.
+    np.testing.assert_allclose(again.scores(logits, [heldout]), stats.scores(logits, [heldout]), atol=1e-4)
 
 
 def test_a_constant_part_is_left_out_of_the_score():
