@@ -30,9 +30,9 @@ run: db
 serve: db
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn -c gunicorn.conf.py
 
-## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json
+## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json (CALIBRATION=record.json: the cost of calibration for a model without one in metrics.json)
 bench: install
-	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL)
+	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 ## soak: 2,000 mixed requests with an activation and a killed worker; writes benchmarks/results/soak.json
 soak: install

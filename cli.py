@@ -15,7 +15,7 @@ import predictions
 from database import db
 from model_store import ModelStoreError
 from predictor import ImageError
-from serving import Upload, classify, clean_filename
+from serving import Upload, classify, clean_filename, spec_of
 from web.extensions import model_serving
 
 models_group = AppGroup("models", help="The model registry: import, list, activate, export, delete, check.")
@@ -175,7 +175,11 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")
     for path, image in zip(images, result.images, strict=True):
         ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in image.prediction.ranked[:top_k])
-        click.echo(f"{path}: {ranked}")
+        click.echo(f"{path}: {image.prediction.decision}: {ranked}{_ood_text(image.prediction.ood_score)}")
+
+
+def _ood_text(score: float | None) -> str:
+    return "" if score is None else f" (ood score {score:.2f})"
 
 
 @click.command("export-feedback")
@@ -192,7 +196,55 @@ def export_feedback_command(directory: Path) -> None:
     click.echo(f"wrote {total} images to {directory}: {summary}")
 
 
+@click.command("calibrate")
+@with_appcontext
+@click.argument("model_id", type=int)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="image-folder data set (folder or archive): train/<class>/ images, optional test/<class>/",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="share of each class of train/ held out for the temperature and thresholds (never trained on)",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the held-out split")
+@click.option(
+    "--target-accuracy",
+    type=click.FloatRange(0.5, 1, max_open=True),
+    default=0.98,
+    show_default=True,
+    help="answers above the 'not sure' threshold are right this often on the held-out images",
+)
+def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int, target_accuracy: float) -> None:
+    """Fit a model's temperature, "not sure" threshold and "none of these" score on held-out images.
+
+    The held-out images must not have been trained on: for a model trained by train.py on
+    CIFAR-10 with its defaults, `--val-fraction 0.1 --seed 0` is its own validation split.
+    """
+    from calibrate import calibrate_folder
+
+    try:
+        row = model_store.get_model(model_id)
+        model = model_store.load_keras_model(model_store.rehydrate(row, current_app.config["MODEL_CACHE_DIR"]))
+        record = calibrate_folder(model, spec_of(row), data, val_fraction, seed, target_accuracy)
+        model_store.set_calibration(model_id, record)
+    except (ModelStoreError, ValueError) as exc:
+        _fail(f"not calibrated: {exc}")
+    before, after = record["before"], record["after"]
+    click.echo(
+        f"model {model_id} calibrated: temperature {record['temperature']:.3f} ({record['logit_norm']} logit norm), "
+        f"'not sure' below {record['confidence_threshold'] * 100:.1f}%; ECE {before['ece']:.3f} -> {after['ece']:.3f}, "
+        f"coverage at 98%/99% accuracy {after['coverage_at_98'] * 100:.1f}%/{after['coverage_at_99'] * 100:.1f}% "
+        f"({record['measured_on']} split, {after['images']} images)"
+    )
+
+
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
-    for command in (init_db_command, models_group, predict_command, export_feedback_command):
+    for command in (init_db_command, models_group, predict_command, calibrate_command, export_feedback_command):
         app.cli.add_command(command)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -30,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
+import calibration
 from database import db
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
@@ -104,6 +106,18 @@ class ModelVersion(db.Model):
             "created_at": self.created_at.isoformat(),
             "is_active": self.is_active,
         }
+
+
+class ModelCalibration(db.Model):
+    """A model's calibration (see calibration.py and ood.py): a small public summary, and the
+    whole record with the OOD statistics, loaded only when the model is served or its card drawn."""
+
+    __tablename__ = "model_calibrations"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    summary: Mapped[dict] = mapped_column(JSON, nullable=False)
+    record: Mapped[dict] = deferred(mapped_column(JSON, nullable=False))
 
 
 def init_db() -> None:
@@ -208,6 +222,8 @@ def import_model(
     if metrics is not None and not isinstance(metrics, dict):
         raise ModelStoreError("metrics must be a JSON object")
     metrics = dict(metrics or {})
+    # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
+    calibration_record = metrics.pop("calibration", None)
     described = inspect_model_bytes(data, path.name)
     names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
@@ -238,6 +254,8 @@ def import_model(
         row.version = (latest or 0) + 1
         db.session.add(row)
         db.session.flush()
+        if calibration_record:
+            _put_calibration(row.id, calibration_record)
         if activate or get_active() is None:
             _set_active(row)
     return row
@@ -268,6 +286,32 @@ def get_model(model_id: int) -> ModelVersion:
 
 def get_active() -> ModelVersion | None:
     return db.session.scalar(select(ModelVersion).where(ModelVersion.is_active.is_(True)))
+
+
+def get_calibration(model_id: int) -> dict | None:
+    """A model's whole calibration record, or None when it is not calibrated."""
+    return db.session.scalar(select(ModelCalibration.record).where(ModelCalibration.model_id == model_id))
+
+
+def calibration_summaries() -> dict[int, dict]:
+    """The public summary of every calibrated model, by model id."""
+    rows = db.session.execute(select(ModelCalibration.model_id, ModelCalibration.summary))
+    return {model_id: summary for model_id, summary in rows}
+
+
+def set_calibration(model_id: int, record: dict) -> None:
+    """Store (or replace) a model's calibration; a serving process reloads it on activation."""
+    get_model(model_id)
+    with _transaction():
+        _put_calibration(model_id, record)
+
+
+def _put_calibration(model_id: int, record: dict) -> None:
+    row = db.session.get(ModelCalibration, model_id) or ModelCalibration(model_id=model_id)
+    row.created_at = datetime.now(UTC)
+    row.summary = calibration.summary(record)
+    row.record = record
+    db.session.add(row)
 
 
 def _set_active(row: ModelVersion) -> None:

@@ -19,7 +19,8 @@ from database import db
 from model_store import ModelVersion
 from serving import ClassifiedImage
 
-VERDICTS = ("right", "wrong")
+# "none": the image is none of the model's classes (offered on "unknown" answers).
+VERDICTS = ("right", "wrong", "none")
 
 
 class HistoryError(Exception):
@@ -48,6 +49,9 @@ class PredictionRecord(db.Model):
     filename: Mapped[str] = mapped_column(String(100), nullable=False)
     top_class: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
     confidence: Mapped[float] = mapped_column(Float, nullable=False)
+    # confident | unsure | unknown (calibration.py); NULL for predictions made before it existed.
+    decision: Mapped[str | None] = mapped_column(String(10), index=True)
+    ood_score: Mapped[float | None] = mapped_column(Float)
     image_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     thumbnail: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     feedback: Mapped[str | None] = mapped_column(String(10))
@@ -78,6 +82,8 @@ def record(images: list[ClassifiedImage], model, source: str, keep_images: bool)
             filename=image.filename,
             top_class=image.prediction.top_class,
             confidence=image.prediction.top_probability,
+            decision=image.prediction.decision,
+            ood_score=image.prediction.ood_score,
             image_sha256=image.image_sha256,
             thumbnail=image.thumbnail if keep_images else None,
         )
@@ -97,9 +103,11 @@ def record(images: list[ClassifiedImage], model, source: str, keep_images: bool)
     return [replace(image, history_id=row.id) for image, row in zip(images, rows, strict=True)]
 
 
-def query(top_class: str | None = None, model_id: int | None = None):
-    """Predictions newest first, filtered by predicted class and model version."""
+def query(top_class: str | None = None, model_id: int | None = None, decision: str | None = None):
+    """Predictions newest first, filtered by predicted class, model version and decision."""
     statement = select(PredictionRecord).order_by(PredictionRecord.id.desc())
+    if decision:
+        statement = statement.where(PredictionRecord.decision == decision)
     if top_class:
         statement = statement.where(PredictionRecord.top_class == top_class)
     if model_id:
@@ -118,7 +126,7 @@ def set_feedback(prediction_id: int, verdict: str, correct_class: str | None) ->
     """Mark a prediction right, or wrong with the class it should have been."""
     row = get(prediction_id)
     if verdict not in VERDICTS:
-        raise HistoryError("feedback must be 'right' or 'wrong'")
+        raise HistoryError("feedback must be 'right', 'wrong' or 'none' (none of the classes)")
     if verdict == "wrong":
         classes = db.session.scalar(select(ModelVersion.class_names).where(ModelVersion.id == row.model_id))
         if not correct_class:
@@ -141,6 +149,7 @@ class ModelFeedback:
     predictions: int
     marked: int
     marked_right: int
+    marked_none: int
 
     @property
     def right_rate(self) -> float | None:
@@ -148,15 +157,20 @@ class ModelFeedback:
 
 
 def feedback_by_model() -> list[ModelFeedback]:
-    """Per model version: predictions made, how many were marked, how many marked right."""
+    """Per model version: predictions made, how many were marked, marked right, and marked
+    "none of these classes"."""
     marked = func.count(PredictionRecord.feedback)
     right = func.sum(case((PredictionRecord.feedback == "right", 1), else_=0))
+    none = func.sum(case((PredictionRecord.feedback == "none", 1), else_=0))
     statement = (
-        select(PredictionRecord.model_name, PredictionRecord.model_version, func.count(), marked, right)
+        select(PredictionRecord.model_name, PredictionRecord.model_version, func.count(), marked, right, none)
         .group_by(PredictionRecord.model_name, PredictionRecord.model_version)
         .order_by(PredictionRecord.model_name, PredictionRecord.model_version.desc())
     )
-    return [ModelFeedback(n, v, total, m, int(r or 0)) for n, v, total, m, r in db.session.execute(statement)]
+    return [
+        ModelFeedback(n, v, total, m, int(r or 0), int(x or 0))
+        for n, v, total, m, r, x in db.session.execute(statement)
+    ]
 
 
 def export_feedback(directory: Path) -> dict[str, int]:

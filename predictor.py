@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ood import with_pooled_features
+
 # Formats a browser photo upload can reasonably be; anything else (PDF, EPS, SVG...) is refused
 # before Pillow hands it to a plug-in.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -158,9 +160,12 @@ class ModelSpec:
 
 @dataclass
 class Prediction:
-    """Probabilities for one image, ranked."""
+    """Probabilities for one image, ranked, with the decision made on them (see calibration.py)
+    and the out-of-distribution score when the model has one."""
 
     probabilities: dict[str, float]
+    decision: str = "confident"
+    ood_score: float | None = None
     ranked: list[tuple[str, float]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,41 +180,90 @@ class Prediction:
         return self.ranked[0][1]
 
 
-class Predictor:
-    """A loaded Keras model called through one compiled function; safe to share between threads."""
+@dataclass(frozen=True)
+class Scores:
+    """A batch's calibrated probabilities (N x classes) and OOD scores (N, or None); slicing
+    gives the rows of some images, as the micro-batcher hands each request its own."""
 
-    def __init__(self, model, spec: ModelSpec):
+    probabilities: np.ndarray
+    ood_scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, rows: slice) -> Scores:
+        return Scores(self.probabilities[rows], None if self.ood_scores is None else self.ood_scores[rows])
+
+
+def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
+    """The views of a scaled batch that test-time augmentation averages."""
+    if mode == "flip":
+        return [batch, batch[:, :, ::-1, :]]
+    return [batch]
+
+
+class Predictor:
+    """A loaded Keras model called through one compiled function; safe to share between threads.
+
+    With a `calibration` (calibration.Calibration) the function also returns the pooled features
+    its OOD score needs (or those of `feature_layers`, for fitting one), and probabilities are the
+    calibrated ones; without, plain softmax.
+    """
+
+    def __init__(self, model, spec: ModelSpec, calibration=None, feature_layers: tuple[str, ...] | None = None):
         import tensorflow as tf
 
         self.model = model
         self.spec = spec
+        self.calibration = calibration
+        if feature_layers is None:
+            feature_layers = calibration.feature_layers if calibration is not None else ()
+        self.feature_layers = tuple(feature_layers)
+        served = with_pooled_features(model, self.feature_layers) if self.feature_layers else model
         height, width, channels = spec.input_shape
         signature = tf.TensorSpec([None, height, width, channels], tf.float32)
-        self._infer = tf.function(lambda batch: model(batch, training=False), input_signature=[signature])
+        self._infer = tf.function(lambda batch: served(batch, training=False), input_signature=[signature])
 
     def warm_up(self) -> None:
         """Trace and run the function once so no request pays for it."""
         height, width, channels = self.spec.input_shape
         self.predict_arrays(np.zeros((1, height, width, channels), np.uint8))
 
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (N x classes) for a uint8 batch N x H x W x C."""
-        if len(images) == 0:
-            return np.zeros((0, len(self.spec.class_names)), np.float32)
-        batch = scale_pixels(images, self.spec.input_scale)
-        if self.spec.tta == "flip":
-            batch = np.concatenate([batch, batch[:, :, ::-1, :]])
-        outputs = np.asarray(self._infer(batch), dtype=np.float64)
-        if not np.isfinite(outputs).all():
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Log-scores (N x classes: logits, or log-probabilities for a softmax model) and the
+        pooled features of each feature layer, each averaged over the test-time views."""
+        views = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
+        outputs = self._infer(np.concatenate(views))
+        outputs = [np.asarray(o, dtype=np.float64) for o in (outputs if self.feature_layers else [outputs])]
+        if not all(np.isfinite(o).all() for o in outputs):
             raise ModelOutputError("The model produced an invalid (non-finite) output for this image.")
         if self.spec.output_kind == "probabilities":
-            outputs = np.log(np.clip(outputs, 1e-12, None))
-        if self.spec.tta == "flip":
-            half = len(images)
-            outputs = (outputs[:half] + outputs[half:]) / 2
-        return softmax(outputs).astype(np.float32)
+            outputs[0] = np.log(np.clip(outputs[0], 1e-12, None))
+        averaged = [o.reshape(len(views), len(images), -1).mean(axis=0) for o in outputs]
+        return averaged[0], averaged[1:]
+
+    def score_arrays(self, images: np.ndarray) -> Scores:
+        """Probabilities and OOD scores for a uint8 batch N x H x W x C."""
+        if len(images) == 0:
+            return Scores(np.zeros((0, len(self.spec.class_names)), np.float32))
+        logits, features = self.infer(images)
+        if self.calibration is None:
+            return Scores(softmax(logits).astype(np.float32))
+        return Scores(
+            self.calibration.probabilities(logits).astype(np.float32), self.calibration.ood_scores(logits, features)
+        )
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N x classes) for a uint8 batch N x H x W x C."""
+        return self.score_arrays(images).probabilities
 
 
-def to_predictions(class_names: tuple[str, ...], rows: np.ndarray) -> list[Prediction]:
-    """One ranked Prediction per row of probabilities."""
-    return [Prediction({name: float(p) for name, p in zip(class_names, row, strict=True)}) for row in rows]
+def to_predictions(class_names: tuple[str, ...], scores: Scores, calibration=None) -> list[Prediction]:
+    """One ranked Prediction per image, with its decision when a calibration is given."""
+    predictions = []
+    for i, row in enumerate(scores.probabilities):
+        ood_score = None if scores.ood_scores is None else float(scores.ood_scores[i])
+        decision = calibration.decide(float(row.max()), ood_score) if calibration is not None else "confident"
+        probabilities = {name: float(p) for name, p in zip(class_names, row, strict=True)}
+        predictions.append(Prediction(probabilities, decision, ood_score))
+    return predictions

@@ -48,3 +48,27 @@ def curves_png(history: dict[str, list[float]]) -> bytes:
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     return _png(figure)
+
+
+def reliability_png(before: list[dict], after: list[dict], split: str) -> bytes:
+    """Reliability diagram: accuracy against mean confidence per bin, before and after calibration."""
+    figure = Figure(figsize=(5.5, 5))
+    axis = figure.subplots()
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for rows, label, marker in ((before, "before", "s"), (after, "after", "o")):
+        used = [row for row in rows if row["count"]]
+        axis.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], marker=marker, label=label)
+    axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"Reliability ({split} split)")
+    axis.legend()
+    return _png(figure)
+
+
+def risk_coverage_png(curve: dict, target_accuracy: float, split: str) -> bytes:
+    """Risk (error rate) of the most confident answers against the share answered."""
+    figure = Figure(figsize=(5.5, 4))
+    axis = figure.subplots()
+    axis.plot(curve["coverage"], curve["risk"], marker=".")
+    axis.axhline(1 - target_accuracy, linestyle="--", color="grey", label=f"{target_accuracy * 100:.0f} % accuracy")
+    axis.set(xlabel="coverage", ylabel="risk (error rate)", xlim=(0, 1), title=f"Risk-coverage ({split} split)")
+    axis.legend()
+    return _png(figure)

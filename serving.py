@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from sqlalchemy import select
 import model_store
 import monitoring
 from batching import MicroBatcher
+from calibration import Calibration
 from database import db
-from model_store import ModelStoreError, ModelVersion
+from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import ImageError, ModelSpec, Prediction, Predictor, decode_upload, to_predictions
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,16 @@ class LoadedModel:
     sha256: str
     predictor: Predictor
     batcher: MicroBatcher | None = None
+    calibrated_at: datetime | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the served state in the registry: the version and its calibration."""
+        return self.id, self.sha256, self.calibrated_at
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.predictor.calibration
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -55,31 +67,37 @@ class LoadedModel:
     def predict(self, images: np.ndarray) -> list[Prediction]:
         """Ranked predictions for a uint8 batch, through the batcher when there is one."""
         if self.batcher is not None:
-            rows = self.batcher(images)
+            scores = self.batcher(images)
         else:
             monitoring.BATCH_SIZE.observe(len(images))
-            rows = self.predictor.predict_arrays(images)
+            scores = self.predictor.score_arrays(images)
         monitoring.IMAGES.inc(len(images))
-        return to_predictions(self.class_names, rows)
+        return to_predictions(self.class_names, scores, self.calibration)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
 
 
-def load_version(row: ModelVersion, directory: Path, batching: BatchingConfig = BatchingConfig()) -> LoadedModel:
+def spec_of(row: ModelVersion) -> ModelSpec:
+    """What the predictor needs to know about a registry row's model."""
+    return ModelSpec(tuple(row.class_names), tuple(row.input_shape), row.input_scale, row.output_kind, row.tta)
+
+
+def load_version(
+    row: ModelVersion, directory: Path, batching: BatchingConfig = BatchingConfig(), calibrated_at=None
+) -> LoadedModel:
     """Rehydrate a registry row to a file, load it in safe mode, warm it up."""
-    path = model_store.rehydrate(row, directory)
-    model = model_store.load_keras_model(path)
-    spec = ModelSpec(tuple(row.class_names), tuple(row.input_shape), row.input_scale, row.output_kind, row.tta)
-    predictor = Predictor(model, spec)
+    model = model_store.load_keras_model(model_store.rehydrate(row, directory))
+    spec = spec_of(row)
+    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
     predictor.warm_up()
     batcher = None
     if batching.enabled:
         batcher = MicroBatcher(
-            predictor.predict_arrays, batching.max_batch, batching.max_wait_ms, monitoring.BATCH_SIZE.observe
+            predictor.score_arrays, batching.max_batch, batching.max_wait_ms, monitoring.BATCH_SIZE.observe
         )
-    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, batcher)
+    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, batcher, calibrated_at)
 
 
 class ModelHolder:
@@ -96,7 +114,7 @@ class ModelHolder:
         self.batching = batching
         self.error: str | None = None
         self._loaded: LoadedModel | None = None
-        self._failed_sha: str | None = None
+        self._failed: tuple | None = None
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
 
@@ -116,30 +134,33 @@ class ModelHolder:
             return
         try:
             self._checked_at = time.monotonic()
+            # A new calibration of the served model counts as a change: it is reloaded with it.
             active = db.session.execute(
-                select(ModelVersion.id, ModelVersion.sha256).where(ModelVersion.is_active.is_(True))
+                select(ModelVersion.id, ModelVersion.sha256, ModelCalibration.created_at)
+                .outerjoin(ModelCalibration, ModelCalibration.model_id == ModelVersion.id)
+                .where(ModelVersion.is_active.is_(True))
             ).first()
             db.session.rollback()  # end the read transaction so the next poll sees new commits
             if active is None:
                 self.error = None if self._loaded else "no model is active: import one with `flask models import`"
                 return
-            model_id, sha = active
-            if self._loaded is not None and self._loaded.sha256 == sha and self._loaded.id == model_id:
+            model_id, sha, calibrated_at = active
+            if self._loaded is not None and self._loaded.key == (model_id, sha, calibrated_at):
                 self.error = None
                 return
-            if sha != self._failed_sha:
-                self._load(model_id, sha)
+            if (sha, calibrated_at) != self._failed:
+                self._load(model_id, sha, calibrated_at)
         finally:
             self._lock.release()
 
-    def _load(self, model_id: int, sha: str) -> None:
+    def _load(self, model_id: int, sha: str, calibrated_at) -> None:
         try:
             row = db.session.get(ModelVersion, model_id)
             if row is None:
                 raise ModelStoreError(f"model {model_id} was deleted while being activated")
-            loaded = load_version(row, self.directory, self.batching)
+            loaded = load_version(row, self.directory, self.batching, calibrated_at)
         except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
-            self._failed_sha = sha
+            self._failed = (sha, calibrated_at)
             self.error = f"the active model (id {model_id}) cannot be served: {exc}"
             log.error(self.error)
             return
@@ -149,7 +170,7 @@ class ModelHolder:
         if previous is not None:
             previous.close()  # requests still holding it finish on it; new ones use `loaded`
         monitoring.model_switched(previous, loaded)
-        self._failed_sha = None
+        self._failed = None
         self.error = None
         log.info("serving model %s (%s v%s)", loaded.id, loaded.name, loaded.version)
 

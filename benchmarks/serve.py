@@ -8,10 +8,15 @@ Measures, in one run on one machine:
   5. the seed's way (save the upload, load the model file, predict) with the same model file,
      and the ratio of 1 (concurrency 8) to it;
   6. memory (RSS) per worker and the server's start-up time to its first answer;
-plus concurrency 8 with dynamic batching on, to decide whether batching helps here.
+plus concurrency 8 with dynamic batching on, to decide whether batching helps here, and
+  7. the cost of calibration (issue 11): small-image p50 at concurrency 1 with the model's
+     calibration (temperature, OOD features from the same pass) against the same model without,
+     alternated twice; the record comes from metrics.json or `--calibration` (a record that
+     `benchmarks/calibration_ood.py --save-calibration` writes); skipped when there is none.
 Prints a table and writes a JSON of the figures.
 
     python benchmarks/serve.py --model models/default/model.h5 [--seconds 8] [--out benchmarks/results/serve.json]
+        [--calibration RECORD.json] [--only-calibration-cost]
 """
 
 from __future__ import annotations
@@ -268,6 +273,33 @@ def prepare_instance(model_path: Path, name: str = "bench") -> Path:
     return instance
 
 
+def calibration_cost(model_path: Path, instance: Path, record_path: Path | None, body: bytes, seconds: float) -> dict:
+    """Small-image p50 (concurrency 1, one worker) with and without the model's calibration."""
+    import model_store
+    from app import create_app
+
+    with create_app().app_context():
+        record = model_store.get_calibration(model_store.get_active().id)
+        if record_path:
+            record = json.loads(record_path.read_text())
+        if record is None:
+            return {}
+        plain = model_store.import_model(model_path, name="bench-plain").id
+        calibrated = model_store.import_model(model_path, name="bench-calibrated").id
+        model_store.set_calibration(calibrated, record)
+    p50: dict[str, list[float]] = {"plain": [], "calibrated": []}
+    for name, model_id in (("plain", plain), ("calibrated", calibrated)) * 2:
+        with create_app().app_context():
+            model_store.activate(model_id)
+        server = Server(instance, 1, 1, batching=False)
+        try:
+            p50[name].append(load(server.port, body, "image/jpeg", 1, seconds)["p50_ms"])
+        finally:
+            server.stop()
+    plain_ms, calibrated_ms = statistics.median(p50["plain"]), statistics.median(p50["calibrated"])
+    return {"p50_ms": p50, "ratio_calibrated_to_plain": round(calibrated_ms / plain_ms, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models/default/model.h5")
@@ -275,10 +307,16 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_WORKERS", "2")))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("WEB_THREADS", "4")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
+    parser.add_argument("--calibration", type=Path, help="calibration record JSON for phase 7")
+    parser.add_argument("--only-calibration-cost", action="store_true", help="run phase 7 alone")
     args = parser.parse_args()
 
     instance = prepare_instance(args.model)
     small = jpeg_bytes((32, 32))
+    if args.only_calibration_cost:
+        cost = calibration_cost(args.model, instance, args.calibration, small, args.seconds)
+        print(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "calibration_cost": cost}, indent=2))
+        return 0
     photo = jpeg_bytes((4000, 3000), seed=1)
     batch_body, batch_type = multipart([(f"{i}.jpg", jpeg_bytes((32, 32), seed=i)) for i in range(64)])
     results: dict = {
@@ -329,6 +367,7 @@ def main() -> int:
     results["batching_speedup_c8"] = round(
         results["small_c8_batching"]["requests_per_s"] / results["small_c8"]["requests_per_s"], 3
     )
+    results["calibration_cost"] = calibration_cost(args.model, instance, args.calibration, small, args.seconds)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -370,6 +409,12 @@ def print_table(results: dict) -> None:
     )
     print(f"dynamic batching at concurrency 8: {results['batching_speedup_c8']}x the throughput without it")
     print(f"decoding to model input (median ms): {results['decode_ms']}")
+    cost = results["calibration_cost"]
+    if cost:
+        print(
+            f"7. calibration and OOD score: small-image p50 {cost['ratio_calibrated_to_plain']}x plain "
+            f"({cost['p50_ms']})"
+        )
 
 
 if __name__ == "__main__":

@@ -46,3 +46,30 @@ def random_image_bytes(seed: int = 0, size=(32, 32), fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+# Thresholds that make every answer of a calibrated model confident, unsure or unknown.
+FORCED = {
+    "confident": {"confidence_threshold": 0.0, "ood_threshold": 1e9},
+    "unsure": {"confidence_threshold": 1.0, "ood_threshold": 1e9},
+    "unknown": {"confidence_threshold": 0.0, "ood_threshold": -1e9},
+}
+
+
+def force_calibration(app, confidence_threshold: float, ood_threshold: float) -> dict:
+    """Calibrate the active model for real on random images, then store the record with the
+    given thresholds (see FORCED); returns the stored record."""
+    from calibrate import calibrate_model
+    from serving import spec_of
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(200) % 10
+    with app.app_context():
+        row = model_store.get_active()
+        model = model_store.load_keras_model(model_store.rehydrate(row, app.config["MODEL_CACHE_DIR"]))
+        record = calibrate_model(model, spec_of(row), images[:100], labels[:100], images[100:], labels[100:])
+        record["confidence_threshold"] = confidence_threshold
+        record["ood"]["threshold"] = ood_threshold
+        model_store.set_calibration(row.id, record)
+    return record

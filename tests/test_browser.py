@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import image_bytes
+from helpers import FORCED, force_calibration, image_bytes
 
 import model_store
 
@@ -111,4 +111,37 @@ def test_upload_see_ten_bars_correct_it_and_find_it_in_history(app, live_server,
         row = page.locator(".history-row").first
         assert "ship.jpg" in row.inner_text() and f"marked wrong: it is {correct}" in row.inner_text()
         page.screenshot(path=str(shots / "history.png"), full_page=True)
+        browser.close()
+
+
+def test_the_three_decisions_read_in_words_and_unknown_hides_the_bars(app, live_server, tmp_path):
+    shots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    photo = tmp_path / "thing.png"
+    photo.write_bytes(image_bytes("PNG", size=(48, 48), color=(90, 140, 60)))
+    expected = {
+        "confident": "✓ confident",
+        "unsure": "Not sure: maybe",
+        "unknown": "This does not look like any of: airplane, automobile",
+    }
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        for decision, words in expected.items():
+            force_calibration(app, **FORCED[decision])
+            time.sleep(1.5)  # the server looks for a new calibration once a second
+            page.goto(live_server + "/")
+            page.set_input_files("#image-input", str(photo))
+            page.click("button[type=submit]")
+            page.wait_for_selector(".result")
+            result = page.locator(".result")
+            assert result.get_attribute("data-decision") == decision
+            assert words in result.inner_text()
+            bars = page.locator(".result .bar-row").first
+            # Unknown: the probabilities are there only on request, behind a <details>.
+            assert bars.is_visible() == (decision != "unknown")
+            if decision == "unknown":
+                page.click(".result details summary")
+                assert bars.is_visible()
+            page.screenshot(path=str(shots / f"decision-{decision}.png"), full_page=True)
         browser.close()

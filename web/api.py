@@ -57,6 +57,8 @@ def predict():
                     "top_class": image.prediction.top_class,
                     "probability": image.prediction.top_probability,
                     "probabilities": dict(image.prediction.ranked[:top_k]),
+                    "decision": image.prediction.decision,
+                    "ood_score": image.prediction.ood_score,
                 }
                 for image in result.images
             ],
@@ -66,10 +68,12 @@ def predict():
 
 @bp.get("/models")
 def models():
-    return jsonify({"models": [_public(row.to_dict()) for row in model_store.list_models()]})
+    calibrations = model_store.calibration_summaries()
+    return jsonify({"models": [_public(row.to_dict(), calibrations.get(row.id)) for row in model_store.list_models()]})
 
 
-def _public(model: dict) -> dict:
-    """Registry metadata for the API: the training history is long and stays on the model card."""
+def _public(model: dict, calibration_summary: dict | None) -> dict:
+    """Registry metadata for the API: the training history is long and stays on the model card;
+    the calibration is its summary (temperature, thresholds, ECE)."""
     metrics = {key: value for key, value in model["metrics"].items() if key != "history"}
-    return {**model, "metrics": metrics}
+    return {**model, "metrics": metrics, "calibration": calibration_summary or {"calibrated": False}}

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, abort, flash, redirect, render_template, 
 import model_store
 import predictions
 import reports
+from calibration import DECISIONS, ECE_BINS
 from database import db
 from web.errors import describe, html_error
 from web.uploads import classify_request
@@ -50,18 +51,23 @@ def _bounded_arg(name: str) -> int | None:
 @bp.get("/history")
 def history():
     top_class = request.args.get("class") or None
+    decision = request.args.get("decision") or None
+    if decision not in (None, *DECISIONS):
+        abort(404)
     model_id = _bounded_arg("model")
     page_number = _bounded_arg("page") or 1
     if page_number * HISTORY_PAGE_SIZE > MAX_ID:
         abort(404)
     page = db.paginate(
-        predictions.query(top_class, model_id), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
+        predictions.query(top_class, model_id, decision), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
     )
     return render_template(
         "history.html",
         page=page,
         top_class=top_class,
         model_id=model_id,
+        decision=decision,
+        decisions=DECISIONS,
         models=model_store.list_models(),
         feedback=predictions.feedback_by_model(),
         class_names=_known_classes(),
@@ -81,7 +87,7 @@ def prediction_feedback(prediction_id: int):
     verdict = request.form.get("verdict", "")
     correct_class = request.form.get("correct_class") or None
     row = predictions.set_feedback(prediction_id, verdict, correct_class)
-    note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
+    note = {"right": "right", "none": "as none of the classes"}.get(row.feedback, f"wrong (it is {row.correct_class})")
     flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
     return redirect(url_for("pages.history", _anchor=f"p{row.id}"))
 
@@ -93,14 +99,19 @@ def models():
 
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>")
 def model_card(model_id: int):
-    return render_template("model_card.html", model=model_store.get_model(model_id))
+    model = model_store.get_model(model_id)
+    return render_template(
+        "model_card.html", model=model, calibration=model_store.get_calibration(model.id), ece_bins=ECE_BINS
+    )
 
 
-@bp.get(f"/models/<int(max={MAX_ID}):model_id>/<any(curves, confusion):plot>.png")
+@bp.get(f"/models/<int(max={MAX_ID}):model_id>/<any(curves, confusion, reliability, risk_coverage):plot>.png")
 def model_plot(model_id: int, plot: str):
     row = model_store.get_model(model_id)
     metrics = row.metrics
-    if plot == "curves" and metrics.get("history"):
+    if plot in ("reliability", "risk_coverage"):
+        png = _calibration_plot(row.id, plot)
+    elif plot == "curves" and metrics.get("history"):
         png = reports.curves_png(metrics["history"])
     elif plot == "confusion" and metrics.get("confusion_matrix"):
         names = metrics.get("class_names") or row.class_names
@@ -108,6 +119,15 @@ def model_plot(model_id: int, plot: str):
     else:
         abort(404)
     return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _calibration_plot(model_id: int, plot: str) -> bytes:
+    record = model_store.get_calibration(model_id)
+    if not record:
+        abort(404)
+    if plot == "reliability":
+        return reports.reliability_png(record["reliability_before"], record["reliability_after"], record["measured_on"])
+    return reports.risk_coverage_png(record["risk_coverage"], record["target_accuracy"], record["measured_on"])
 
 
 def _known_classes() -> list[str]:
