@@ -132,12 +132,14 @@ def test_api_unknown_route_and_method_are_json(client):
     assert wrong_method.status_code == 405 and wrong_method.mimetype == "application/json"
     error = wrong_method.get_json()["error"]
     assert error["code"] == "method_not_allowed" and error["message"]
+    assert set(wrong_method.headers["Allow"].split(", ")) == {"OPTIONS", "POST"}
 
 
 def test_page_unknown_route_and_method_are_html(client):
     for response, status in ((client.get("/nothing"), 404), (client.post("/history"), 405)):
         assert response.status_code == status and response.mimetype == "text/html"
         assert f"{status}" in response.get_data(as_text=True) and response.get_json(silent=True) is None
+    assert set(client.post("/history").headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
 
 
 def test_models_api_has_no_blobs(client):

@@ -58,16 +58,23 @@ def describe(exc: Exception) -> tuple[str, str, int]:
     return "Something went wrong on our side; the error was logged.", "internal", 500
 
 
+def _protocol_headers(exc: Exception) -> dict[str, str]:
+    """Headers HTTP requires with an error, such as Allow with a 405 (not its content type)."""
+    if not isinstance(exc, HTTPException):
+        return {}
+    return {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+
+
 def json_error(exc: Exception):
     """The JSON answer for an error: {"error": {"code", "message"}} with its status."""
     message, code, status = describe(exc)
-    return jsonify({"error": {"code": code, "message": message}}), status
+    return jsonify({"error": {"code": code, "message": message}}), status, _protocol_headers(exc)
 
 
 def html_error(exc: Exception):
     """The error page for an error, with its status."""
     message, _code, status = describe(exc)
-    return render_template("error.html", message=message, status_code=status), status
+    return render_template("error.html", message=message, status_code=status), status, _protocol_headers(exc)
 
 
 def _discard_body(cap: int) -> None:
