@@ -16,6 +16,7 @@ import database
 import monitoring
 from cli import register_commands
 from predictor import DEFAULT_MAX_PIXELS
+from serving import DEFAULT_MAX_REQUEST_PIXELS
 from web import api, errors, ops, pages
 from web.extensions import csrf, model_serving
 
@@ -23,6 +24,8 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
     "MAX_IMAGES_PER_REQUEST": 64,
     "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
+    "MAX_REQUEST_PIXELS": DEFAULT_MAX_REQUEST_PIXELS,
+    "MAX_CONCURRENT_DECODES": 2,
     "MODEL_POLL_SECONDS": 1.0,
     "BATCHING_ENABLED": False,
     "BATCH_MAX_SIZE": 64,

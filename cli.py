@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from flask.cli import AppGroup, with_appcontext
 
 import model_store
@@ -169,7 +169,7 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
         _fail(model_serving.holder.error or "no model is active")
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
     try:
-        result = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+        result = classify(uploads, loaded, model_serving.budget)
     except ImageError as exc:
         _fail(exc.message)
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")
