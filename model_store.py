@@ -310,11 +310,11 @@ def export(model_id: int, destination: str | Path) -> Path:
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / row.filename
-    _atomic_write(destination, row.blob)
+    atomic_write(destination, row.blob)
     return destination
 
 
-def _atomic_write(destination: Path, data: bytes) -> None:
+def atomic_write(destination: Path, data: bytes) -> None:
     """Write to a temporary file beside the destination, then rename: readers never see half a file."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-", suffix=destination.suffix)
@@ -335,5 +335,5 @@ def rehydrate(row: ModelVersion, directory: str | Path) -> Path:
     if path.exists() and sha256_of(path.read_bytes()) == row.sha256:
         return path
     verify(row)
-    _atomic_write(path, row.blob)
+    atomic_write(path, row.blob)
     return path

@@ -3,9 +3,13 @@ and their cards. Errors render as HTML; on the upload page they show above the f
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+from functools import partial
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
 import model_store
+import plot_cache
 import predictions
 import reports
 from database import db
@@ -101,12 +105,17 @@ def model_plot(model_id: int, plot: str):
     row = model_store.get_model(model_id)
     metrics = row.metrics
     if plot == "curves" and metrics.get("history"):
-        png = reports.curves_png(metrics["history"])
+        inputs = metrics["history"]
+        draw = partial(reports.curves_png, inputs)
     elif plot == "confusion" and metrics.get("confusion_matrix"):
         names = metrics.get("class_names") or row.class_names
-        png = reports.confusion_png(metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0))
+        inputs = [metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0)]
+        draw = partial(reports.confusion_png, *inputs)
     else:
         abort(404)
+    # Drawn once per model and plot, then served from the instance folder.
+    folder = Path(current_app.instance_path) / "plots"
+    png = plot_cache.cached_png(folder, plot_cache.plot_key(row.sha256, plot, inputs), draw)
     return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
 
 
