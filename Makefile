@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 5000
 DEFAULT_MODEL := models/default/model.h5
 
-.PHONY: install db run serve test test-fast lint train evaluate bench soak clean
+.PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench soak frontdoor-bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: db
 serve: db
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn -c gunicorn.conf.py
 
+## serve-proxy: nginx on PORT (default 8080) in front of gunicorn on instance/gunicorn.sock; Ctrl-C stops both
+serve-proxy: db
+	HOST=$(HOST) PORT=$(if $(filter file,$(origin PORT)),8080,$(PORT)) MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} \
+		$(PY) deploy/frontdoor.py
+
 ## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json (CALIBRATION=record.json: the cost of calibration for a model without one in metrics.json)
 bench: install
 	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL) $(if $(CALIBRATION),--calibration $(CALIBRATION))
@@ -37,6 +42,10 @@ bench: install
 ## soak: 2,000 mixed requests with an activation and a killed worker; writes benchmarks/results/soak.json
 soak: install
 	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --kill-worker
+
+## frontdoor-bench: costly inputs through nginx (slowloris, rate, 16-bit bombs, plots); writes benchmarks/results/frontdoor.json
+frontdoor-bench: install
+	$(PY) benchmarks/frontdoor.py --model $(DEFAULT_MODEL)
 
 ## test: lint, then the test suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL is set
 test: lint

@@ -15,7 +15,9 @@ from PIL import Image
 import database
 import monitoring
 from cli import register_commands
+from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
+from serving import DEFAULT_MAX_REQUEST_PIXELS
 from web import api, errors, ops, pages
 from web.extensions import csrf, model_serving
 
@@ -23,6 +25,14 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
     "MAX_IMAGES_PER_REQUEST": 64,
     "MAX_IMAGE_PIXELS": DEFAULT_MAX_PIXELS,
+    "MAX_REQUEST_PIXELS": DEFAULT_MAX_REQUEST_PIXELS,
+    "MAX_CONCURRENT_DECODES": 2,
+    # `flask models import`: caps on a model file, and its validation load in a limited child process.
+    "MODEL_MAX_BYTES": ImportLimits.max_bytes,
+    "MODEL_MAX_PARAMS": ImportLimits.max_params,
+    "MODEL_IMPORT_MEMORY_BYTES": ImportLimits.memory_bytes,
+    "MODEL_IMPORT_CPU_SECONDS": ImportLimits.cpu_seconds,
+    "MODEL_IMPORT_SANDBOX": True,
     "MODEL_POLL_SECONDS": 1.0,
     "BATCHING_ENABLED": False,
     "BATCH_MAX_SIZE": 64,

@@ -13,6 +13,7 @@ from flask.cli import AppGroup, with_appcontext
 import model_store
 import predictions
 from database import db
+from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import ImageError
 from serving import Upload, classify, clean_filename, spec_of
@@ -23,6 +24,18 @@ models_group = AppGroup("models", help="The model registry: import, list, activa
 
 def _fail(message: str) -> None:
     raise click.ClickException(message)
+
+
+def _import_limits() -> ImportLimits:
+    """The app's caps on a model file; the validation load runs in a limited child process."""
+    config = current_app.config
+    return ImportLimits(
+        max_bytes=int(config["MODEL_MAX_BYTES"]),
+        max_params=int(config["MODEL_MAX_PARAMS"]),
+        memory_bytes=int(config["MODEL_IMPORT_MEMORY_BYTES"]),
+        cpu_seconds=int(config["MODEL_IMPORT_CPU_SECONDS"]),
+        isolated=bool(config["MODEL_IMPORT_SANDBOX"]),
+    )
 
 
 def _read_metrics(path: Path) -> dict:
@@ -78,6 +91,7 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
             input_scale=input_scale,
             output_kind=output_kind,
             activate=activate,
+            limits=_import_limits(),
         )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
@@ -169,7 +183,7 @@ def predict_command(images: tuple[Path, ...], top_k: int) -> None:
         _fail(model_serving.holder.error or "no model is active")
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
     try:
-        result = classify(uploads, loaded, current_app.config["MAX_IMAGE_PIXELS"])
+        result = classify(uploads, loaded, model_serving.budget)
     except ImageError as exc:
         _fail(exc.message)
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")

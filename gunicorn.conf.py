@@ -1,13 +1,14 @@
 """gunicorn settings for `make serve`: threaded workers, each loading and warming the model once.
 
-Environment: HOST (127.0.0.1), PORT (8000), WEB_WORKERS (2), WEB_THREADS (4), WEB_TIMEOUT (60).
+Environment: HOST (127.0.0.1), PORT (8000), WEB_WORKERS (2), WEB_THREADS (4), WEB_TIMEOUT (60);
+WEB_BIND (e.g. unix:instance/gunicorn.sock, as deploy/frontdoor.py sets it) replaces HOST and PORT.
 """
 
 import os
 import shutil
 from pathlib import Path
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+bind = os.environ.get("WEB_BIND") or f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_WORKERS", "2"))
 threads = int(os.environ.get("WEB_THREADS", "4"))
 worker_class = "gthread"

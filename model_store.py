@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -33,6 +32,7 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
 from database import db
+from model_sandbox import ImportLimits, SandboxError, check_size, describe_in_child, describe_model_file
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
 # The import default for a 10-way model without class names: the seed's CIFAR-10 order.
@@ -157,39 +157,21 @@ def load_keras_model(path: Path):
         raise ModelStoreError(f"the file does not load as a safe Keras model: {reason[:300]}") from exc
 
 
-def _output_kind_of(model) -> str:
-    activation = getattr(model.layers[-1], "activation", None)
-    return "probabilities" if getattr(activation, "__name__", "") == "softmax" else "logits"
-
-
-def inspect_model_bytes(data: bytes, filename: str) -> dict:
-    """Load model bytes and describe them: format, input shape, output width and kind."""
+def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None = None) -> dict:
+    """Validate model bytes within `limits` and describe them: format, input shape, output width
+    and kind. Without limits the default caps apply and the file is loaded in this process."""
+    limits = limits or ImportLimits(isolated=False)
     fmt = detect_format(data)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / f"model.{fmt}"
-        path.write_bytes(data)
-        model = load_keras_model(path)
-    inputs = getattr(model, "inputs", None) or []
-    outputs = getattr(model, "outputs", None) or []
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelStoreError(f"{filename}: the model must have one input and one output")
-    input_shape = tuple(inputs[0].shape)
-    if len(input_shape) != 4 or input_shape[-1] != 3 or None in input_shape[1:]:
-        raise ModelStoreError(
-            f"{filename}: the input is not an image tensor: expected (batch, height, width, 3), got {input_shape}"
-        )
-    output_shape = tuple(outputs[0].shape)
-    if len(output_shape) != 2 or output_shape[-1] is None:
-        raise ModelStoreError(f"{filename}: the output must be (batch, classes), got {output_shape}")
-    probe = np.full((2, *input_shape[1:]), 0.5, np.float32)
-    if not np.isfinite(np.asarray(model(probe, training=False))).all():
-        raise ModelStoreError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
-    return {
-        "format": fmt,
-        "input_shape": [int(v) for v in input_shape[1:]],
-        "output_width": int(output_shape[-1]),
-        "output_kind": _output_kind_of(model),
-    }
+    try:
+        check_size(len(data), filename, limits)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / f"model.{fmt}"
+            path.write_bytes(data)
+            if limits.isolated:
+                return describe_in_child(path, filename, limits)
+            return describe_model_file(path, filename, limits.max_params)
+    except SandboxError as exc:
+        raise ModelStoreError(str(exc)) from exc
 
 
 def _check_choice(value: str, allowed, what: str) -> str:
@@ -208,23 +190,29 @@ def import_model(
     output_kind: str | None = None,
     tta: str | None = None,
     activate: bool = False,
+    limits: ImportLimits | None = None,
 ) -> ModelVersion:
     """Validate a model file and store it as the next version of `name`, in one transaction.
 
     Settings not given come from `metrics` (as train.py writes them), then from the file itself,
     then from the seed's defaults. The first model stored is activated whatever `activate` says.
+    `limits` caps the file (the CLI passes the app's, with the validation load in a child process).
     """
     path = Path(path)
+    limits = limits or ImportLimits(isolated=False)
     try:
+        check_size(path.stat().st_size, path.name, limits)
         data = path.read_bytes()
     except OSError as exc:
         raise ModelStoreError(f"cannot read {path}: {exc.strerror}") from exc
+    except SandboxError as exc:
+        raise ModelStoreError(str(exc)) from exc
     if metrics is not None and not isinstance(metrics, dict):
         raise ModelStoreError("metrics must be a JSON object")
     metrics = dict(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
-    described = inspect_model_bytes(data, path.name)
+    described = inspect_model_bytes(data, path.name, limits)
     names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ModelStoreError("class names must be unique and non-empty")
@@ -354,11 +342,11 @@ def export(model_id: int, destination: str | Path) -> Path:
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / row.filename
-    _atomic_write(destination, row.blob)
+    atomic_write(destination, row.blob)
     return destination
 
 
-def _atomic_write(destination: Path, data: bytes) -> None:
+def atomic_write(destination: Path, data: bytes) -> None:
     """Write to a temporary file beside the destination, then rename: readers never see half a file."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".tmp-", suffix=destination.suffix)
@@ -379,5 +367,5 @@ def rehydrate(row: ModelVersion, directory: str | Path) -> Path:
     if path.exists() and sha256_of(path.read_bytes()) == row.sha256:
         return path
     verify(row)
-    _atomic_write(path, row.blob)
+    atomic_write(path, row.blob)
     return path

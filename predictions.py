@@ -11,12 +11,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, case, func, select
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from database import db
-from model_store import ModelVersion
 from serving import ClassifiedImage
 
 # "none": the image is none of the model's classes (offered on "unknown" answers).
@@ -48,6 +47,9 @@ class PredictionRecord(db.Model):
     source: Mapped[str] = mapped_column(String(10), nullable=False)
     filename: Mapped[str] = mapped_column(String(100), nullable=False)
     top_class: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    # The classes of the model that made the prediction: feedback is checked against these,
+    # even after that model is deleted. NULL only on rows older than this column whose model is gone.
+    class_names: Mapped[list | None] = mapped_column(JSON)
     confidence: Mapped[float] = mapped_column(Float, nullable=False)
     # confident | unsure | unknown (calibration.py); NULL for predictions made before it existed.
     decision: Mapped[str | None] = mapped_column(String(10), index=True)
@@ -81,6 +83,7 @@ def record(images: list[ClassifiedImage], model, source: str, keep_images: bool)
             source=source,
             filename=image.filename,
             top_class=image.prediction.top_class,
+            class_names=list(model.class_names),
             confidence=image.prediction.top_probability,
             decision=image.prediction.decision,
             ood_score=image.prediction.ood_score,
@@ -128,11 +131,14 @@ def set_feedback(prediction_id: int, verdict: str, correct_class: str | None) ->
     if verdict not in VERDICTS:
         raise HistoryError("feedback must be 'right', 'wrong' or 'none' (none of the classes)")
     if verdict == "wrong":
-        classes = db.session.scalar(select(ModelVersion.class_names).where(ModelVersion.id == row.model_id))
         if not correct_class:
             raise HistoryError("say which class is right when marking a prediction wrong")
-        if classes is not None and correct_class not in classes:
-            raise HistoryError(f"{correct_class!r} is not one of the model's classes")
+        if row.class_names is None:
+            raise HistoryError("the model that made this prediction is deleted and its classes are not known")
+        if correct_class not in row.class_names:
+            raise HistoryError(
+                f"{correct_class[:100]!r} is not one of the classes of the model that made this prediction"
+            )
         if correct_class == row.top_class:
             raise HistoryError("the class given is the predicted one: mark it right instead")
     row.feedback = verdict

@@ -70,18 +70,40 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return image
 
 
+# Single-channel modes wider than 8 bits: converted with integer arithmetic on a reduced image.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int) -> int:
+    """The largest whole factor that keeps both sides at least `min_side`."""
+    return max(1, min(size) // max(min_side, 1))
+
+
+def _block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Average `factor` x `factor` blocks; the sum accumulates block by block, not in a
+    full-size float copy."""
+    height, width = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+    blocks = pixels[:height, :width].reshape(height // factor, factor, width // factor, factor)
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+def _wide_to_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """16-bit and 32-bit grey to 8-bit RGB, reduced by `factor` before any arithmetic."""
+    if image.mode.startswith("I;16"):
+        small = _block_mean(np.asarray(image), factor) / np.float32(257)  # 65535 -> 255
+    else:
+        # Pillow reduces 32-bit "I" and "F" natively; the stretch to 0..255 is then done on the
+        # small image only.
+        small = np.asarray(image.reduce(factor) if factor > 1 else image, dtype=np.float32)
+        low, high = float(small.min()), float(small.max())
+        small = (small - low) * np.float32(255.0 / (high - low)) if high > low else np.zeros_like(small)
+    return Image.fromarray(np.clip(small, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB; transparency is composited onto white."""
+    """Convert any 8-bit Pillow mode to RGB; transparency is composited onto white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            pixels = pixels / 257.0
-        else:
-            low, high = float(pixels.min()), float(pixels.max())
-            pixels = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -90,15 +112,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _reduced(image: Image.Image, factor: int) -> Image.Image:
+    """Shrink by a whole factor (a box filter, cheap) so later conversions touch few pixels."""
+    if factor <= 1:
+        return image
+    try:
+        return image.reduce(factor)
+    except ValueError:  # modes Pillow cannot reduce (palette, 1-bit) are converted first
+        return _to_rgb(image).reduce(factor)
+
+
 def _decode_rgb(image: Image.Image, min_side: int) -> Image.Image:
-    """Decode an opened image to upright RGB, at reduced JPEG scale when `min_side` allows."""
+    """Decode an opened image to upright RGB, reduced so both sides stay at least `min_side`.
+
+    JPEG is reduced while decoding (draft mode); other formats right after, before any
+    conversion, so no full-size copy beyond the decoded image itself is made.
+    """
     if image.format == "JPEG":
         # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo then
         # costs milliseconds. Both sides stay at least `min_side` so no detail is invented.
         image.draft("RGB", (min_side, min_side))
     try:
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        factor = _reduce_factor(image.size, min_side)
+        rgb = _wide_to_rgb(image, factor) if image.mode in WIDE_MODES else _to_rgb(_reduced(image, factor))
+        rgb.info = image.info  # the EXIF orientation travels with the reduced copy
+        return ImageOps.exif_transpose(rgb)
     except Image.DecompressionBombError as exc:
         raise ImageError("The image has too many pixels.", "too_many_pixels") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -114,13 +153,35 @@ def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
     return buffer.getvalue()
 
 
+def decode_side(size: tuple[int, int], thumbnail_side: int = 0) -> int:
+    """The smallest side a decoded image keeps: twice the model input (for the crop), or the thumbnail."""
+    return max(max(size) * 2, thumbnail_side)
+
+
+def open_for_decoding(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes (header only) set up for decoding: a JPEG is put in draft mode, so its
+    `size` is then what decoding will produce, the figure a request's pixel budget counts."""
+    image = open_image(data, max_pixels)
+    if image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    return image
+
+
+def decode_opened(
+    image: Image.Image, size: tuple[int, int], thumbnail_side: int = 0
+) -> tuple[np.ndarray, bytes | None]:
+    """Decode an opened image once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
+    rgb = _decode_rgb(image, decode_side(size, thumbnail_side))
+    pixels = np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
+    return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
+
+
 def decode_upload(
     data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_side: int = 0
 ) -> tuple[np.ndarray, bytes | None]:
     """Decode an upload once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
-    rgb = _decode_rgb(open_image(data, max_pixels), max(max(size) * 2, thumbnail_side))
-    pixels = np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
-    return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
+    image = open_for_decoding(data, decode_side(size, thumbnail_side), max_pixels)
+    return decode_opened(image, size, thumbnail_side)
 
 
 def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +22,17 @@ from batching import MicroBatcher
 from calibration import Calibration
 from database import db
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
-from predictor import ImageError, ModelSpec, Prediction, Predictor, decode_upload, to_predictions
+from predictor import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ModelSpec,
+    Prediction,
+    Predictor,
+    decode_opened,
+    decode_side,
+    open_for_decoding,
+    to_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +220,54 @@ class Classification:
     elapsed_ms: float
 
 
-def classify(uploads: list[Upload], loaded: LoadedModel, max_pixels: int, thumbnail_side: int = 0) -> Classification:
-    """Decode every upload and predict them in one model call; an ImageError names the file at fault."""
-    started = time.perf_counter()
-    arrays, thumbnails = [], []
+# Pixels one request may decode, all images together. A JPEG counts at its draft scale (a
+# 12-megapixel photo costs 0.2 MP), so the budget bites on PNG, TIFF and the like, whose decoding
+# costs about 0.1 s per 10 MP on one core: a 40 MP 16-bit PNG, under the per-image limit, is
+# refused here from its header instead of holding a worker for seconds.
+DEFAULT_MAX_REQUEST_PIXELS = 24_000_000
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What decoding may cost: pixels per image, pixels per request (counted from the headers,
+    at the size decoding will produce), and how many images one process decodes at once."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    decodes: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+
+def _open_within_budget(uploads: list[Upload], min_side: int, budget: DecodeBudget) -> list:
+    """Open every upload's header and refuse the request if decoding all of them would cost too much."""
+    opened = []
     for upload in uploads:
         try:
-            pixels, thumbnail = decode_upload(upload.data, loaded.predictor.spec.image_size, max_pixels, thumbnail_side)
+            opened.append(open_for_decoding(upload.data, min_side, budget.max_image_pixels))
+        except ImageError as exc:
+            raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
+    total = sum(image.width * image.height for image in opened)
+    if total > budget.max_request_pixels:
+        raise ImageError(
+            f"The images of this request have {total:,} pixels in all: the limit is "
+            f"{budget.max_request_pixels:,} per request. Send fewer or smaller images.",
+            "request_too_large",
+        )
+    return opened
+
+
+def classify(
+    uploads: list[Upload], loaded: LoadedModel, budget: DecodeBudget, thumbnail_side: int = 0
+) -> Classification:
+    """Decode every upload within the budget and predict them in one model call; an ImageError
+    names the file at fault."""
+    started = time.perf_counter()
+    size = loaded.predictor.spec.image_size
+    opened = _open_within_budget(uploads, decode_side(size, thumbnail_side), budget)
+    arrays, thumbnails = [], []
+    for upload, image in zip(uploads, opened, strict=True):
+        try:
+            with budget.decodes:  # a decoded image is the costly part: few at once per process
+                pixels, thumbnail = decode_opened(image, size, thumbnail_side)
         except ImageError as exc:
             raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
         arrays.append(pixels)

@@ -75,6 +75,18 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def worker_pids(master_pid: int) -> list[int]:
+    """A gunicorn master's children, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(pids)
+
+
 class Server:
     """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
 
@@ -117,15 +129,7 @@ class Server:
         raise RuntimeError("gunicorn did not become ready")
 
     def worker_pids(self) -> list[int]:
-        """The gunicorn master's children, from /proc."""
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                    pids.append(int(stat.parent.name))
-            except (OSError, ValueError, IndexError):
-                continue
-        return sorted(pids)
+        return worker_pids(self.process.pid)
 
     def worker_memory_by_pid(self, field: str = "Rss") -> dict[int, float]:
         """Per worker pid, in MB, from /proc/PID/smaps_rollup: Rss (all resident pages, shared

@@ -73,6 +73,9 @@ def make_app(tmp_path) -> Callable[..., Flask]:
             "SECRET_KEY": "test",
             "WTF_CSRF_ENABLED": False,
             "MODEL_POLL_SECONDS": 0,
+            # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
+            # covers that path, the others validate in-process under the same caps.
+            "MODEL_IMPORT_SANDBOX": False,
         }
         app = create_app({**config, **overrides})
         if POSTGRES_URL and not built:

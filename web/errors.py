@@ -21,6 +21,7 @@ STATUS_BY_CODE = {
     "too_large": 413,
     "too_many_images": 413,
     "too_many_pixels": 413,
+    "request_too_large": 413,
     "unsupported_media_type": 415,
     "registry": 409,
     "model_output": 500,

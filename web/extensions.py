@@ -6,12 +6,13 @@ to an app with `init_app`, and reached in a request through its accessors.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from flask import Flask, current_app
 from flask_wtf.csrf import CSRFProtect
 
-from serving import BatchingConfig, LoadedModel, ModelHolder
+from serving import BatchingConfig, DecodeBudget, LoadedModel, ModelHolder
 from web.errors import WebError
 
 csrf = CSRFProtect()
@@ -28,12 +29,23 @@ class ModelServing:
         app.extensions["model_serving"] = ModelHolder(
             Path(config["MODEL_CACHE_DIR"]), float(config["MODEL_POLL_SECONDS"]), batching
         )
+        # Per process: gunicorn's workers each have their own budget, shared by their threads.
+        app.extensions["decode_budget"] = DecodeBudget(
+            int(config["MAX_IMAGE_PIXELS"]),
+            int(config["MAX_REQUEST_PIXELS"]),
+            threading.BoundedSemaphore(int(config["MAX_CONCURRENT_DECODES"])),
+        )
         app.context_processor(lambda: {"status": self.status()})
 
     @property
     def holder(self) -> ModelHolder:
         """The current app's holder."""
         return current_app.extensions["model_serving"]
+
+    @property
+    def budget(self) -> DecodeBudget:
+        """The current app's decoding budget."""
+        return current_app.extensions["decode_budget"]
 
     def active(self) -> LoadedModel:
         """The model to answer with; a `no_model` error when none can be served."""

@@ -3,9 +3,14 @@ and their cards. Errors render as HTML; on the upload page they show above the f
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 
 import model_store
+import plot_cache
 import predictions
 import reports
 from calibration import DECISIONS, ECE_BINS
@@ -108,26 +113,32 @@ def model_card(model_id: int):
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>/<any(curves, confusion, reliability, risk_coverage):plot>.png")
 def model_plot(model_id: int, plot: str):
     row = model_store.get_model(model_id)
-    metrics = row.metrics
-    if plot in ("reliability", "risk_coverage"):
-        png = _calibration_plot(row.id, plot)
-    elif plot == "curves" and metrics.get("history"):
-        png = reports.curves_png(metrics["history"])
-    elif plot == "confusion" and metrics.get("confusion_matrix"):
-        names = metrics.get("class_names") or row.class_names
-        png = reports.confusion_png(metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0))
-    else:
-        abort(404)
+    inputs, draw = _plot_source(row, plot)
+    # Drawn once per model and plot, then served from the instance folder.
+    folder = Path(current_app.instance_path) / "plots"
+    png = plot_cache.cached_png(folder, plot_cache.plot_key(row.sha256, plot, inputs), draw)
     return Response(png, mimetype="image/png", headers={"Cache-Control": "max-age=3600"})
 
 
-def _calibration_plot(model_id: int, plot: str) -> bytes:
-    record = model_store.get_calibration(model_id)
-    if not record:
-        abort(404)
-    if plot == "reliability":
-        return reports.reliability_png(record["reliability_before"], record["reliability_after"], record["measured_on"])
-    return reports.risk_coverage_png(record["risk_coverage"], record["target_accuracy"], record["measured_on"])
+def _plot_source(row, plot: str) -> tuple[object, Callable[[], bytes]]:
+    """What a model-card plot is drawn from, and how; 404 when the model has no such data."""
+    metrics = row.metrics
+    if plot in ("reliability", "risk_coverage"):
+        record = model_store.get_calibration(row.id)
+        if not record:
+            abort(404)
+        if plot == "reliability":
+            inputs = [record["reliability_before"], record["reliability_after"], record["measured_on"]]
+            return inputs, partial(reports.reliability_png, *inputs)
+        inputs = [record["risk_coverage"], record["target_accuracy"], record["measured_on"]]
+        return inputs, partial(reports.risk_coverage_png, *inputs)
+    if plot == "curves" and metrics.get("history"):
+        return metrics["history"], partial(reports.curves_png, metrics["history"])
+    if plot == "confusion" and metrics.get("confusion_matrix"):
+        names = metrics.get("class_names") or row.class_names
+        inputs = [metrics["confusion_matrix"], names, metrics.get("test_accuracy", 0.0)]
+        return inputs, partial(reports.confusion_png, *inputs)
+    abort(404)
 
 
 def _known_classes() -> list[str]:

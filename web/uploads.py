@@ -43,7 +43,7 @@ def classify_request(source: str, thumbnails: bool) -> tuple[LoadedModel, Classi
     keep_images = bool(config["KEEP_IMAGES"])
     loaded = model_serving.active()
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
-    result = classify(uploads, loaded, config["MAX_IMAGE_PIXELS"], side)
+    result = classify(uploads, loaded, model_serving.budget, side)
     if config["RECORD_HISTORY"]:
         recorded = predictions.record(result.images, loaded, source, keep_images)
         result = Classification(recorded, result.elapsed_ms)

@@ -1,0 +1,162 @@
+"""The front door: nginx on PORT in front of gunicorn on a unix socket in the instance folder.
+
+`make serve-proxy` runs `python deploy/frontdoor.py`: both servers in the foreground, Ctrl-C (or
+SIGTERM) stops both, and either one exiting stops the other. The nginx config is rendered from
+deploy/nginx.conf.template into a private temporary folder (pid, logs, request bodies), with
+client_max_body_size taken from the app's MAX_CONTENT_LENGTH. Tests and benchmarks use `serve`
+with their own settings.
+
+Environment: HOST (127.0.0.1), PORT (8080), INSTANCE_PATH, and gunicorn's WEB_* (gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).with_name("nginx.conf.template")
+PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+
+
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    """What the nginx config is rendered with (times in seconds, rates per address)."""
+
+    socket: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body: str = "16m"
+    header_timeout: int = 10
+    body_timeout: int = 15
+    proxy_timeout: int = 30
+    predict_rate: int = 10  # per second
+    predict_burst: int = 20
+    login_rate: int = 10  # per minute
+    connections_per_address: int = 64
+    static_root: str = str(ROOT / "static")
+
+
+def nginx_size(size_bytes: int) -> str:
+    """A byte count as nginx writes sizes: '16m' when it is whole megabytes."""
+    megabytes, rest = divmod(int(size_bytes), 1024 * 1024)
+    return f"{megabytes}m" if megabytes and not rest else str(int(size_bytes))
+
+
+def render(settings: FrontDoorSettings, run_dir: Path) -> str:
+    """The nginx config text; every placeholder must be filled."""
+    values = {key.upper(): str(value) for key, value in asdict(settings).items()}
+    values["RUN_DIR"] = str(run_dir)
+    # As root (CI, containers) nginx would switch its workers to `nobody`, who cannot reach the
+    # socket or the static files: they keep the identity of whoever started it.
+    values["USER_LINE"] = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    missing = sorted(set(PLACEHOLDER.findall(TEMPLATE.read_text())) - set(values))
+    if missing:
+        raise KeyError(f"no value for {', '.join(missing)} in {TEMPLATE.name}")
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], TEMPLATE.read_text())
+
+
+def _stop(process: subprocess.Popen, grace: float = 30) -> None:
+    if process.poll() is None:
+        process.terminate()  # SIGTERM: nginx and gunicorn both stop gracefully on it
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_socket(path: Path, gunicorn: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if gunicorn.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"gunicorn did not open {path}")
+        time.sleep(0.05)
+
+
+def wait_ready(host: str, port: int, timeout: float = 120) -> None:
+    """Until /healthz through nginx answers 200 (the workers have loaded the model)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.1)
+    raise RuntimeError(f"http://{host}:{port}/healthz did not answer 200 in {timeout:.0f} s")
+
+
+@contextmanager
+def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> Iterator[tuple]:
+    """Start gunicorn on `settings.socket`, then nginx with the rendered config; stop both on exit.
+
+    Yields (gunicorn, nginx, run_dir). Logs go to files in `log_dir` (an unread pipe would
+    block the servers)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-nginx-"))
+    socket_path = Path(settings.socket)
+    socket_path.unlink(missing_ok=True)
+    config = run_dir / "nginx.conf"
+    config.write_text(render(settings, run_dir))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gunicorn_env = {**os.environ, **env, "WEB_BIND": f"unix:{socket_path}"}
+    gunicorn_command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
+    nginx_command = [shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(run_dir), "-c", str(config)]
+    processes: list[subprocess.Popen] = []
+    try:
+        with (log_dir / "gunicorn.log").open("ab") as log:
+            processes.append(subprocess.Popen(gunicorn_command, cwd=ROOT, env=gunicorn_env, stdout=log, stderr=log))
+        _wait_for_socket(socket_path, processes[0])
+        with (log_dir / "nginx.log").open("ab") as log:
+            processes.append(subprocess.Popen(nginx_command, cwd=run_dir, stdout=log, stderr=log))
+        yield processes[0], processes[1], run_dir
+    finally:
+        for process in reversed(processes):  # nginx first: no new requests reach a stopping gunicorn
+            _stop(process)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from app import create_app
+
+    app = create_app()
+    instance = Path(app.instance_path)
+    settings = FrontDoorSettings(
+        socket=str(instance / "gunicorn.sock"),
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8080")),
+        max_body=nginx_size(app.config["MAX_CONTENT_LENGTH"]),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both, as Ctrl-C does
+    env = {"INSTANCE_PATH": str(instance)}
+    with serve(settings, env, instance / "logs") as (gunicorn, nginx, _run_dir):
+        print(f"nginx on http://{settings.host}:{settings.port} -> gunicorn on {settings.socket}; Ctrl-C stops both")
+        print(f"logs: {instance / 'logs'}", flush=True)
+        try:
+            while gunicorn.poll() is None and nginx.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+    print("one of the servers exited; both are stopped (see the logs)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

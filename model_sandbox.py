@@ -1,0 +1,169 @@
+"""Model files are untrusted: their validation load runs in a child process with limits.
+
+A crafted HDF5 file can overflow a heap in the HDF5 library itself (Keras' safe mode works a
+layer above it), and a file can declare weights large enough to exhaust memory. The import
+therefore checks the file's size in the parent, then opens and loads it in a child process
+limited by `resource.setrlimit` (address space and CPU seconds) that reports what it found as
+JSON: whatever happens in there, the parent (the CLI) gets a clear ModelStoreError.
+
+Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ERROR_EXIT = 2  # the child found the file unacceptable and printed why
+MEMORY_MARKERS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "SystemError: error return without exception")
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """Caps on a model file at import; `isolated` runs the validation load in a limited child."""
+
+    max_bytes: int = 200 * 1024 * 1024
+    max_params: int = 50_000_000
+    memory_bytes: int = 4 * 1024**3  # address space: TensorFlow alone maps about 1.5 GB
+    cpu_seconds: int = 300
+    isolated: bool = True
+
+
+class SandboxError(Exception):
+    """The file was refused inside the sandbox; model_store turns it into a ModelStoreError."""
+
+
+def check_size(size: int, filename: str, limits: ImportLimits) -> None:
+    if size > limits.max_bytes:
+        raise SandboxError(
+            f"{filename} is {size / 1e6:.1f} MB: the limit for a model file is {limits.max_bytes / 1e6:.0f} MB"
+        )
+
+
+def _h5_weight_count(path: Path) -> int:
+    """Parameters stored in an .h5 file, from the datasets' shapes, before Keras builds anything."""
+    import h5py
+
+    total = 0
+
+    def add(_name, item):
+        nonlocal total
+        if isinstance(item, h5py.Dataset):
+            total += int(item.size)
+
+    with h5py.File(path, "r") as handle:
+        handle.visititems(add)
+    return total
+
+
+def describe_model_file(path: Path, filename: str, max_params: int) -> dict:
+    """Open and load a model file and describe it: format, input shape, output width and kind."""
+    import numpy as np
+
+    import model_store
+
+    fmt = model_store.detect_format(path.read_bytes()[:8])
+    if fmt == "h5":
+        try:
+            stored = _h5_weight_count(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise SandboxError(f"{filename} is not a readable HDF5 file: {str(exc)[:200]}") from exc
+        if stored > max_params:
+            raise SandboxError(f"{filename} stores {stored:,} weights: the limit is {max_params:,} parameters")
+    model = model_store.load_keras_model(path)
+    if model.count_params() > max_params:
+        raise SandboxError(f"{filename} has {model.count_params():,} parameters: the limit is {max_params:,}")
+    inputs = getattr(model, "inputs", None) or []
+    outputs = getattr(model, "outputs", None) or []
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise SandboxError(f"{filename}: the model must have one input and one output")
+    input_shape = tuple(inputs[0].shape)
+    if len(input_shape) != 4 or input_shape[-1] != 3 or None in input_shape[1:]:
+        raise SandboxError(
+            f"{filename}: the input is not an image tensor: expected (batch, height, width, 3), got {input_shape}"
+        )
+    output_shape = tuple(outputs[0].shape)
+    if len(output_shape) != 2 or output_shape[-1] is None:
+        raise SandboxError(f"{filename}: the output must be (batch, classes), got {output_shape}")
+    probe = np.full((2, *input_shape[1:]), 0.5, np.float32)
+    if not np.isfinite(np.asarray(model(probe, training=False))).all():
+        raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
+    activation = getattr(model.layers[-1], "activation", None)
+    return {
+        "format": fmt,
+        "input_shape": [int(v) for v in input_shape[1:]],
+        "output_width": int(output_shape[-1]),
+        "output_kind": "probabilities" if getattr(activation, "__name__", "") == "softmax" else "logits",
+    }
+
+
+def _limit(limits: ImportLimits):
+    def apply() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportLimits) -> str:
+    """Why the child did not describe the file, in words."""
+    if result.returncode == ERROR_EXIT and result.stdout.strip():
+        return json.loads(result.stdout.strip().splitlines()[-1])["error"]
+    stderr = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else result.stderr
+    if result.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and "MemoryError" not in stderr:
+        return f"{filename}: loading it used more than {limits.cpu_seconds} s of CPU and was stopped"
+    last = stderr.strip().splitlines()[-1][:300] if stderr.strip() else f"exit code {result.returncode}"
+    # An allocation refused by RLIMIT_AS surfaces as MemoryError in Python, bad_alloc in C++, or
+    # (inside C extensions such as numpy's) a SystemError without an exception set.
+    if any(marker in stderr for marker in MEMORY_MARKERS):
+        limit_gb = limits.memory_bytes / 1024**3
+        return f"{filename}: loading it needs more than the {limit_gb:.1f} GB of memory the import allows ({last})"
+    if result.returncode < 0:
+        return f"{filename}: loading it crashed the validating process ({signal.Signals(-result.returncode).name})"
+    return f"{filename}: the file could not be validated: {last}"
+
+
+def describe_in_child(path: Path, filename: str, limits: ImportLimits) -> dict:
+    """`describe_model_file` in a child process under `limits`; a SandboxError says why not."""
+    command = [sys.executable, str(Path(__file__).resolve()), str(path), filename, str(limits.max_params)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent,
+            preexec_fn=_limit(limits),
+            timeout=limits.cpu_seconds * 4,  # wall clock: a child sleeping instead of computing
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SandboxError(f"{filename}: validating it took longer than {exc.timeout:.0f} s and was stopped") from exc
+    if result.returncode != 0:
+        raise SandboxError(_failure(result, filename, limits))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _child(argv: list[str]) -> int:
+    path, filename, max_params = Path(argv[0]), argv[1], int(argv[2])
+    import model_store
+
+    try:
+        described = describe_model_file(path, filename, max_params)
+    except (SandboxError, model_store.ModelStoreError) as exc:
+        print(json.dumps({"error": str(exc)}))
+        return ERROR_EXIT
+    print(json.dumps(described))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(_child(sys.argv[1:]))
