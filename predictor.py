@@ -112,13 +112,25 @@ def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
     return buffer.getvalue()
 
 
+def decode_rgb(
+    data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, keep_side: int = 0
+) -> Image.Image:
+    """Decode an upload to upright RGB, with at least `keep_side` pixels a side left for a
+    thumbnail or an overlay, and enough for model input of `size`."""
+    return _decode_rgb(open_image(data, max_pixels), max(max(size) * 2, keep_side))
+
+
+def model_input(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Model input (uint8 HxWx3) of a decoded image: centre-crop to the aspect ratio, resize."""
+    return np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
 def decode_upload(
     data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_side: int = 0
 ) -> tuple[np.ndarray, bytes | None]:
     """Decode an upload once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
-    rgb = _decode_rgb(open_image(data, max_pixels), max(max(size) * 2, thumbnail_side))
-    pixels = np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
-    return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
+    rgb = decode_rgb(data, size, max_pixels, thumbnail_side)
+    return model_input(rgb, size), thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
 
 
 def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
