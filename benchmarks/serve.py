@@ -8,6 +8,8 @@ Measures, in one run on one machine:
   5. the seed's way (save the upload, load the model file, predict) with the same model file,
      and the ratio of 1 (concurrency 8) to it;
   6. memory (RSS) per worker and the server's start-up time to its first answer;
+  7. the cost of a saliency map (`explain=1`): a small image at concurrency 1 and a batch of 64,
+     each against the same request without it;
 plus concurrency 8 with dynamic batching on, to decide whether batching helps here.
 Prints a table and writes a JSON of the figures.
 
@@ -162,7 +164,9 @@ def request(
     return response.status, data
 
 
-def load(port: int, body: bytes, content_type: str, concurrency: int, seconds: float) -> dict:
+def load(
+    port: int, body: bytes, content_type: str, concurrency: int, seconds: float, path: str = "/api/v1/predict"
+) -> dict:
     """Closed-loop load: `concurrency` clients send requests back to back for `seconds`."""
     latencies: list[float] = []
     errors = []
@@ -174,7 +178,7 @@ def load(port: int, body: bytes, content_type: str, concurrency: int, seconds: f
         mine = []
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = request(port, "POST", "/api/v1/predict", body, content_type, conn)
+            status, _ = request(port, "POST", path, body, content_type, conn)
             mine.append(time.perf_counter() - started)
             if status != 200:
                 errors.append(status)
@@ -301,6 +305,11 @@ def main() -> int:
         batch = load(server.port, batch_body, batch_type, 2, args.seconds)
         batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
         results["batch64_c2"] = batch
+        explain = "/api/v1/predict?explain=1"
+        results["small_c1_explain"] = load(server.port, small, "image/jpeg", 1, args.seconds, explain)
+        batch = load(server.port, batch_body, batch_type, 2, args.seconds, explain)
+        batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
+        results["batch64_c2_explain"] = batch
         results["worker_rss_mb"] = server.worker_memory_mb("Rss")
         results["worker_pss_mb"] = server.worker_memory_mb("Pss")
         results["worker_private_mb"] = server.worker_memory_mb("Private_Dirty")
@@ -326,6 +335,10 @@ def main() -> int:
     results["ratio_c8_batching_to_seed_way"] = round(
         results["small_c8_batching"]["requests_per_s"] / results["seed_way_requests_per_s"], 1
     )
+    results["explain_p50_ratio_small"] = round(results["small_c1_explain"]["p50_ms"] / results["small_c1"]["p50_ms"], 2)
+    results["explain_throughput_ratio_batch64"] = round(
+        results["batch64_c2_explain"]["images_per_s"] / results["batch64_c2"]["images_per_s"], 3
+    )
     results["batching_speedup_c8"] = round(
         results["small_c8_batching"]["requests_per_s"] / results["small_c8"]["requests_per_s"], 3
     )
@@ -347,6 +360,8 @@ def print_table(results: dict) -> None:
         ("2. 12 MP JPEG, concurrency 1", "photo12mp_c1"),
         ("2. 12 MP JPEG, concurrency 8", "photo12mp_c8"),
         ("3. batch of 64, concurrency 2", "batch64_c2"),
+        ("7. small JPEG, c1, explain=1", "small_c1_explain"),
+        ("7. batch of 64, c2, explain=1", "batch64_c2_explain"),
     ]
     for label, key in rows:
         row = results[key]
@@ -370,6 +385,10 @@ def print_table(results: dict) -> None:
     )
     print(f"dynamic batching at concurrency 8: {results['batching_speedup_c8']}x the throughput without it")
     print(f"decoding to model input (median ms): {results['decode_ms']}")
+    print(
+        f"7. explain=1: small image p50 x{results['explain_p50_ratio_small']} of without; "
+        f"batch of 64 at {results['explain_throughput_ratio_batch64']:.0%} of the images/s without"
+    )
 
 
 if __name__ == "__main__":
