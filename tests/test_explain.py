@@ -20,18 +20,19 @@ DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
 
 
 def build_region_model(num_classes: int = 10):
-    """A tiny CNN whose output depends only on the top-left quarter of a 32x32 image: that quarter is
-    cropped out and padded back with zeros before the convolution, so nothing else reaches it."""
+    """A tiny CNN whose output depends only on the top-right quarter of a 32x32 image: that quarter is
+    cropped out and padded back with zeros before the convolution, so nothing else reaches it. The
+    quarter is not on a diagonal, so a mirrored or transposed map lands elsewhere."""
     import keras
     from keras import layers
 
     keras.utils.set_random_seed(3)
     positive = keras.initializers.RandomUniform(0.1, 1.0)
     inputs = keras.Input(shape=(32, 32, 3))
-    x = layers.Cropping2D(((0, 16), (0, 16)))(inputs)
-    x = layers.ZeroPadding2D(((0, 16), (0, 16)))(x)
+    x = layers.Cropping2D(((0, 16), (16, 0)))(inputs)
+    x = layers.ZeroPadding2D(((0, 16), (16, 0)))(x)
     x = layers.Conv2D(4, 3, padding="same", activation="relu", kernel_initializer=positive)(x)
-    x = layers.MaxPooling2D(4)(x)  # an 8x8 feature map: its top-left 4x4 cells hold the quarter
+    x = layers.MaxPooling2D(4)(x)  # an 8x8 feature map: its top-right 4x4 cells hold the quarter
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, layers.Dense(num_classes, kernel_initializer=positive)(x))
 
@@ -93,15 +94,17 @@ def test_the_map_is_highest_where_the_model_reads():
     assert grids.shape == (4, 8, 8)
     for grid in grids:
         assert grid.max() == pytest.approx(1.0)
-        assert _peak_quadrant(grid) == (0, 0)
-        assert grid[:4, :4].mean() > 0.3 and grid[5:, :].max() == 0 and grid[:, 5:].max() == 0
+        assert _peak_quadrant(grid) == (0, 1)
+        assert grid[:4, 4:].mean() > 0.3 and grid[5:, :].max() == 0 and grid[:, :3].max() == 0
 
 
 def test_with_flip_tta_the_map_is_of_the_image_as_sent(make_app, region_model_file):
-    # The mirrored view would put the map in the top-right quarter.
+    # A map of the mirrored view, mirrored back, would be in the top-left quarter.
     client = _app_with(make_app, region_model_file, metrics={"tta": "flip"}).test_client()
-    answer = _post(client, "/api/v1/predict?explain=1", random_image_bytes(1)).get_json()
-    assert _peak_quadrant(answer["predictions"][0]["saliency_grid"]) == (0, 0)
+    grid = np.asarray(
+        _post(client, "/api/v1/predict?explain=1", random_image_bytes(1)).get_json()["predictions"][0]["saliency_grid"]
+    )
+    assert _peak_quadrant(grid) == (0, 1) and grid[:, :3].max() == 0
 
 
 def test_api_explain_adds_the_map_at_the_size_sent_and_the_grid(client):
