@@ -100,7 +100,7 @@ class Server:
             )
         self.startup_s = self._wait_ready(started)
 
-    def _wait_ready(self, started: float, timeout: float = 120) -> float:
+    def _wait_ready(self, started: float, timeout: float = 300) -> float:
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError("gunicorn exited: " + self.log_path.read_text(errors="replace")[-2000:])
