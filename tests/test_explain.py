@@ -14,6 +14,7 @@ from PIL import Image
 
 import explain
 import model_store
+import serving
 from predictor import ModelSpec
 
 DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
@@ -129,7 +130,7 @@ def test_api_without_explain_computes_and_adds_nothing(client, monkeypatch):
     def refuse(*args):
         raise AssertionError("a map was computed without explain")
 
-    monkeypatch.setattr(explain.Explainer, "explain", refuse)
+    monkeypatch.setattr(serving.LoadedModel, "explain", refuse)
     for path in ("/api/v1/predict", "/api/v1/predict?explain=0"):
         answer = _post(client, path, random_image_bytes(4)).get_json()
         assert "explanation" not in answer
