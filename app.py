@@ -13,6 +13,7 @@ from flask import Flask
 from PIL import Image
 
 import database
+import heatmap
 import monitoring
 from cli import register_commands
 from model_sandbox import ImportLimits
@@ -70,6 +71,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     app.jinja_env.filters["jpeg_data_uri"] = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    app.jinja_env.filters["png_data_uri"] = heatmap.data_uri
     database.init_app(app)
     csrf.init_app(app)
     model_serving.init_app(app)

@@ -10,6 +10,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
+import heatmap
 import model_store
 import predictions
 from database import db
@@ -176,20 +177,36 @@ def check_command() -> None:
 @with_appcontext
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
-def predict_command(images: tuple[Path, ...], top_k: int) -> None:
+@click.option("--explain", is_flag=True, help="write where the model looked for the top class: IMAGE.saliency.png")
+def predict_command(images: tuple[Path, ...], top_k: int, explain: bool) -> None:
     """Classify image files with the active model and print the top classes."""
     loaded = model_serving.holder.current()
     if loaded is None:
         _fail(model_serving.holder.error or "no model is active")
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
+    explain_side = heatmap.OVERLAY_MAX_SIDE if explain else 0
     try:
-        result = classify(uploads, loaded, model_serving.budget)
+        result = classify(uploads, loaded, model_serving.budget, explain_side=explain_side)
     except ImageError as exc:
         _fail(exc.message)
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")
+    if result.no_explanation:
+        click.echo(result.no_explanation)
     for path, image in zip(images, result.images, strict=True):
         ranked = ", ".join(f"{name} {p * 100:.1f}%" for name, p in image.prediction.ranked[:top_k])
         click.echo(f"{path}: {image.prediction.decision}: {ranked}{_ood_text(image.prediction.ood_score)}")
+        if image.saliency:
+            click.echo(f"  where it looked for {image.saliency.class_name}: {_write_overlay(path, image.saliency)}")
+
+
+def _write_overlay(image_path: Path, saliency) -> Path:
+    """The overlay PNG beside the image: photo.jpg gets photo.jpg.saliency.png."""
+    target = image_path.with_name(image_path.name + ".saliency.png")
+    try:
+        target.write_bytes(saliency.overlay_png)
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc.strerror}")
+    return target
 
 
 def _ood_text(score: float | None) -> str:

@@ -153,9 +153,10 @@ def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_side(size: tuple[int, int], thumbnail_side: int = 0) -> int:
-    """The smallest side a decoded image keeps: twice the model input (for the crop), or the thumbnail."""
-    return max(max(size) * 2, thumbnail_side)
+def decode_side(size: tuple[int, int], keep_side: int = 0) -> int:
+    """The smallest side a decoded image keeps: twice the model input (for the crop), or
+    `keep_side` for a thumbnail or a heat-map overlay."""
+    return max(max(size) * 2, keep_side)
 
 
 def open_for_decoding(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -167,13 +168,15 @@ def open_for_decoding(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_
     return image
 
 
-def decode_opened(
-    image: Image.Image, size: tuple[int, int], thumbnail_side: int = 0
-) -> tuple[np.ndarray, bytes | None]:
-    """Decode an opened image once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
-    rgb = _decode_rgb(image, decode_side(size, thumbnail_side))
-    pixels = np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
-    return pixels, thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
+def decode_rgb(image: Image.Image, size: tuple[int, int], keep_side: int = 0) -> Image.Image:
+    """Decode an opened image to upright RGB, with at least `keep_side` pixels a side left for a
+    thumbnail or an overlay, and enough for model input of `size`."""
+    return _decode_rgb(image, decode_side(size, keep_side))
+
+
+def model_input(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Model input (uint8 HxWx3) of a decoded image: centre-crop to the aspect ratio, resize."""
+    return np.asarray(ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 def decode_upload(
@@ -181,7 +184,8 @@ def decode_upload(
 ) -> tuple[np.ndarray, bytes | None]:
     """Decode an upload once into model input (uint8 HxWx3) and, if asked, a JPEG thumbnail."""
     image = open_for_decoding(data, decode_side(size, thumbnail_side), max_pixels)
-    return decode_opened(image, size, thumbnail_side)
+    rgb = decode_rgb(image, size, thumbnail_side)
+    return model_input(rgb, size), thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
 
 
 def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

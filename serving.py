@@ -14,13 +14,16 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from sqlalchemy import select
 
+import heatmap
 import model_store
 import monitoring
 from batching import MicroBatcher
 from calibration import Calibration
 from database import db
+from explain import Explainer, NoExplanation, Unexplainable, explainer_for
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -28,9 +31,11 @@ from predictor import (
     ModelSpec,
     Prediction,
     Predictor,
-    decode_opened,
+    decode_rgb,
     decode_side,
+    model_input,
     open_for_decoding,
+    thumbnail_jpeg,
     to_predictions,
 )
 
@@ -55,6 +60,7 @@ class LoadedModel:
     version: int
     sha256: str
     predictor: Predictor
+    explainer: Explainer | Unexplainable
     batcher: MicroBatcher | None = None
     calibrated_at: datetime | None = None
 
@@ -84,6 +90,13 @@ class LoadedModel:
         monitoring.IMAGES.inc(len(images))
         return to_predictions(self.class_names, scores, self.calibration)
 
+    def explain(self, images: np.ndarray, class_names: list[str]) -> np.ndarray:
+        """Grad-CAM maps for a uint8 batch, one class per image; NoExplanation when there can be none."""
+        unknown = [name for name in class_names if name not in self.class_names]
+        if unknown:
+            raise NoExplanation(f"{unknown[0]!r} is not one of the model's classes.", "unknown_class")
+        return self.explainer.explain(images, [self.class_names.index(name) for name in class_names])
+
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
@@ -102,12 +115,13 @@ def load_version(
     spec = spec_of(row)
     predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
     predictor.warm_up()
+    explainer = explainer_for(model, spec, (row.metrics or {}).get("explain_layer"))
     batcher = None
     if batching.enabled:
         batcher = MicroBatcher(
             predictor.score_arrays, batching.max_batch, batching.max_wait_ms, monitoring.BATCH_SIZE.observe
         )
-    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, batcher, calibrated_at)
+    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, explainer, batcher, calibrated_at)
 
 
 class ModelHolder:
@@ -201,23 +215,35 @@ def clean_filename(name: str | None, fallback: str = "image") -> str:
 
 
 @dataclass(frozen=True)
+class Saliency:
+    """Where the model looked for a class: the Grad-CAM grid and its overlay on the photo (PNG)."""
+
+    class_name: str
+    grid: np.ndarray
+    overlay_png: bytes
+
+
+@dataclass(frozen=True)
 class ClassifiedImage:
-    """One image's answer: its file name and hash, the prediction, a thumbnail when one was asked
-    for, and its id in the prediction history once recorded."""
+    """One image's answer: its file name and hash, the prediction, a thumbnail and a saliency map
+    of the top class when they were asked for, and its id in the prediction history once recorded."""
 
     filename: str
     image_sha256: str
     prediction: Prediction
     thumbnail: bytes | None = None
     history_id: int | None = None
+    saliency: Saliency | None = None
 
 
 @dataclass(frozen=True)
 class Classification:
-    """The answer for a request's images, in the order sent, and the time it took."""
+    """The answer for a request's images, in the order sent, and the time it took; when maps were
+    asked for and the model has none, `no_explanation` says why."""
 
     images: list[ClassifiedImage]
     elapsed_ms: float
+    no_explanation: str | None = None
 
 
 # Pixels one request may decode, all images together. A JPEG counts at its draft scale (a
@@ -255,26 +281,68 @@ def _open_within_budget(uploads: list[Upload], min_side: int, budget: DecodeBudg
     return opened
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    pixels: np.ndarray
+    thumbnail: bytes | None
+    photo: Image.Image | None
+
+
+def _decode(
+    upload: Upload, image: Image.Image, size: tuple[int, int], thumbnail_side: int, explain_side: int
+) -> _Decoded:
+    try:
+        rgb = decode_rgb(image, size, max(thumbnail_side, explain_side))
+    except ImageError as exc:
+        raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
+    thumbnail = thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
+    return _Decoded(model_input(rgb, size), thumbnail, heatmap.bounded(rgb, explain_side) if explain_side else None)
+
+
 def classify(
-    uploads: list[Upload], loaded: LoadedModel, budget: DecodeBudget, thumbnail_side: int = 0
+    uploads: list[Upload], loaded: LoadedModel, budget: DecodeBudget, thumbnail_side: int = 0, explain_side: int = 0
 ) -> Classification:
     """Decode every upload within the budget and predict them in one model call; an ImageError
-    names the file at fault."""
+    names the file at fault. With `explain_side`, each image also gets the saliency map of its
+    top class, drawn over the photo at most `explain_side` pixels a side (one more call, for the
+    whole batch)."""
     started = time.perf_counter()
     size = loaded.predictor.spec.image_size
-    opened = _open_within_budget(uploads, decode_side(size, thumbnail_side), budget)
-    arrays, thumbnails = [], []
+    opened = _open_within_budget(uploads, decode_side(size, max(thumbnail_side, explain_side)), budget)
+    decoded = []
     for upload, image in zip(uploads, opened, strict=True):
+        with budget.decodes:  # a decoded image is the costly part: few at once per process
+            decoded.append(_decode(upload, image, size, thumbnail_side, explain_side))
+    batch = np.stack([item.pixels for item in decoded])
+    predictions = loaded.predict(batch)
+    saliencies: list[Saliency | None] = [None] * len(uploads)
+    no_explanation = None
+    if explain_side:
         try:
-            with budget.decodes:  # a decoded image is the costly part: few at once per process
-                pixels, thumbnail = decode_opened(image, size, thumbnail_side)
-        except ImageError as exc:
-            raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
-        arrays.append(pixels)
-        thumbnails.append(thumbnail)
-    predictions = loaded.predict(np.stack(arrays))
+            saliencies = _saliencies(loaded, batch, [p.top_class for p in predictions], decoded)
+        except NoExplanation as exc:
+            no_explanation = exc.message
     images = [
-        ClassifiedImage(upload.filename, model_store.sha256_of(upload.data), prediction, thumbnail)
-        for upload, prediction, thumbnail in zip(uploads, predictions, thumbnails, strict=True)
+        ClassifiedImage(upload.filename, model_store.sha256_of(upload.data), prediction, item.thumbnail, None, saliency)
+        for upload, prediction, item, saliency in zip(uploads, predictions, decoded, saliencies, strict=True)
     ]
-    return Classification(images, (time.perf_counter() - started) * 1000)
+    return Classification(images, (time.perf_counter() - started) * 1000, no_explanation)
+
+
+def _saliencies(loaded: LoadedModel, batch: np.ndarray, class_names: list[str], decoded: list[_Decoded]) -> list:
+    grids = loaded.explain(batch, class_names)
+    size = loaded.predictor.spec.image_size
+    return [
+        Saliency(name, grid, heatmap.overlay_png(item.photo, grid, size))
+        for name, grid, item in zip(class_names, grids, decoded, strict=True)
+    ]
+
+
+def explain_image(loaded: LoadedModel, data: bytes, class_name: str, budget: DecodeBudget, side: int) -> Saliency:
+    """The saliency map of one class for one image (a recorded thumbnail, say)."""
+    upload = Upload("image", data)
+    size = loaded.predictor.spec.image_size
+    (image,) = _open_within_budget([upload], decode_side(size, side), budget)
+    with budget.decodes:
+        item = _decode(upload, image, size, 0, side)
+    return _saliencies(loaded, item.pixels[None], [class_name], [item])[0]

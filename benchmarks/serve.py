@@ -8,11 +8,13 @@ Measures, in one run on one machine:
   5. the seed's way (save the upload, load the model file, predict) with the same model file,
      and the ratio of 1 (concurrency 8) to it;
   6. memory (RSS) per worker and the server's start-up time to its first answer;
-plus concurrency 8 with dynamic batching on, to decide whether batching helps here, and
   7. the cost of calibration (issue 11): small-image p50 at concurrency 1 with the model's
      calibration (temperature, OOD features from the same pass) against the same model without,
      alternated twice; the record comes from metrics.json or `--calibration` (a record that
      `benchmarks/calibration_ood.py --save-calibration` writes); skipped when there is none.
+  8. the cost of a saliency map (`explain=1`): a small image at concurrency 1 and a batch of 64,
+     each against the same request without it;
+plus concurrency 8 with dynamic batching on, to decide whether batching helps here.
 Prints a table and writes a JSON of the figures.
 
     python benchmarks/serve.py --model models/default/model.h5 [--seconds 8] [--out benchmarks/results/serve.json]
@@ -115,7 +117,7 @@ class Server:
             )
         self.startup_s = self._wait_ready(started)
 
-    def _wait_ready(self, started: float, timeout: float = 120) -> float:
+    def _wait_ready(self, started: float, timeout: float = 300) -> float:
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError("gunicorn exited: " + self.log_path.read_text(errors="replace")[-2000:])
@@ -171,7 +173,9 @@ def request(
     return response.status, data
 
 
-def load(port: int, body: bytes, content_type: str, concurrency: int, seconds: float) -> dict:
+def load(
+    port: int, body: bytes, content_type: str, concurrency: int, seconds: float, path: str = "/api/v1/predict"
+) -> dict:
     """Closed-loop load: `concurrency` clients send requests back to back for `seconds`."""
     latencies: list[float] = []
     errors = []
@@ -183,7 +187,7 @@ def load(port: int, body: bytes, content_type: str, concurrency: int, seconds: f
         mine = []
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = request(port, "POST", "/api/v1/predict", body, content_type, conn)
+            status, _ = request(port, "POST", path, body, content_type, conn)
             mine.append(time.perf_counter() - started)
             if status != 200:
                 errors.append(status)
@@ -343,6 +347,11 @@ def main() -> int:
         batch = load(server.port, batch_body, batch_type, 2, args.seconds)
         batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
         results["batch64_c2"] = batch
+        explain = "/api/v1/predict?explain=1"
+        results["small_c1_explain"] = load(server.port, small, "image/jpeg", 1, args.seconds, explain)
+        batch = load(server.port, batch_body, batch_type, 2, args.seconds, explain)
+        batch["images_per_s"] = round(batch["requests_per_s"] * 64, 1)
+        results["batch64_c2_explain"] = batch
         results["worker_rss_mb"] = server.worker_memory_mb("Rss")
         results["worker_pss_mb"] = server.worker_memory_mb("Pss")
         results["worker_private_mb"] = server.worker_memory_mb("Private_Dirty")
@@ -368,6 +377,10 @@ def main() -> int:
     results["ratio_c8_batching_to_seed_way"] = round(
         results["small_c8_batching"]["requests_per_s"] / results["seed_way_requests_per_s"], 1
     )
+    results["explain_p50_ratio_small"] = round(results["small_c1_explain"]["p50_ms"] / results["small_c1"]["p50_ms"], 2)
+    results["explain_throughput_ratio_batch64"] = round(
+        results["batch64_c2_explain"]["images_per_s"] / results["batch64_c2"]["images_per_s"], 3
+    )
     results["batching_speedup_c8"] = round(
         results["small_c8_batching"]["requests_per_s"] / results["small_c8"]["requests_per_s"], 3
     )
@@ -390,6 +403,8 @@ def print_table(results: dict) -> None:
         ("2. 12 MP JPEG, concurrency 1", "photo12mp_c1"),
         ("2. 12 MP JPEG, concurrency 8", "photo12mp_c8"),
         ("3. batch of 64, concurrency 2", "batch64_c2"),
+        ("7. small JPEG, c1, explain=1", "small_c1_explain"),
+        ("7. batch of 64, c2, explain=1", "batch64_c2_explain"),
     ]
     for label, key in rows:
         row = results[key]
@@ -419,6 +434,10 @@ def print_table(results: dict) -> None:
             f"7. calibration and OOD score: small-image p50 {cost['ratio_calibrated_to_plain']}x plain "
             f"({cost['p50_ms']})"
         )
+    print(
+        f"8. explain=1: small image p50 x{results['explain_p50_ratio_small']} of without; "
+        f"batch of 64 at {results['explain_throughput_ratio_batch64']:.0%} of the images/s without"
+    )
 
 
 if __name__ == "__main__":

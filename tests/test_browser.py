@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FORCED, force_calibration, image_bytes
+from helpers import FORCED, force_calibration, image_bytes, random_image_bytes
 
 import model_store
 
@@ -144,4 +144,30 @@ def test_the_three_decisions_read_in_words_and_unknown_hides_the_bars(app, live_
                 page.click(".result details summary")
                 assert bars.is_visible()
             page.screenshot(path=str(shots / f"decision-{decision}.png"), full_page=True)
+
+
+def test_where_it_looked_and_for_another_class(app, live_server, tmp_path):
+    shots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    photo = tmp_path / "wide.png"
+    photo.write_bytes(random_image_bytes(0, size=(96, 64)))
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(live_server + "/")
+        page.set_input_files("#image-input", str(photo))
+        page.click("button[type=submit]")
+        page.wait_for_selector(".result .saliency-map")
+        top = page.locator(".top-class").inner_text()
+        assert page.locator(".saliency-class").inner_text() == top
+        assert page.eval_on_selector(".saliency-map", "img => img.complete && img.naturalWidth") == 96
+        page.screenshot(path=str(shots / "saliency.png"), full_page=True)
+
+        other = "frog" if top != "frog" else "cat"
+        page.select_option(".explain-class select", other)
+        page.click(".explain-class button")
+        page.wait_for_selector(".explain .saliency-map")
+        assert page.locator(".saliency-class").inner_text() == other
+        assert page.eval_on_selector(".saliency-map", "img => img.complete && img.naturalWidth") > 0
+        page.screenshot(path=str(shots / "saliency-other-class.png"), full_page=True)
         browser.close()

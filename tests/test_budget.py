@@ -75,7 +75,7 @@ def test_decodes_at_once_are_capped_per_process(make_app, app, monkeypatch):
     budgeted = make_app(MAX_CONCURRENT_DECODES=2)
     running, most = 0, 0
     lock = threading.Lock()
-    real_decode = serving.decode_opened
+    real_decode = serving.decode_rgb
 
     def slow_decode(*args, **kwargs):
         nonlocal running, most
@@ -87,7 +87,7 @@ def test_decodes_at_once_are_capped_per_process(make_app, app, monkeypatch):
             running -= 1
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(serving, "decode_opened", slow_decode)
+    monkeypatch.setattr(serving, "decode_rgb", slow_decode)
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda _: post(budgeted.test_client(), image_bytes("PNG")).status_code, range(6)))
     assert statuses == [200] * 6

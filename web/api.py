@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, jsonify, request
 
+import heatmap
 import model_store
+from serving import ClassifiedImage
 from web.errors import WebError, json_error
 from web.extensions import csrf
 from web.uploads import classify_request
@@ -42,28 +44,41 @@ def _top_k() -> int | None:
     return int(raw)
 
 
+def _explain() -> bool:
+    raw = request.args.get("explain", "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise WebError("explain must be 1 (or true) to add saliency maps, 0 (or false) for none.", "bad_explain")
+    return raw in ("1", "true")
+
+
+def _prediction(image: ClassifiedImage, top_k: int | None, explain: bool) -> dict:
+    answer = {
+        "id": image.history_id,
+        "filename": image.filename,
+        "top_class": image.prediction.top_class,
+        "probability": image.prediction.top_probability,
+        "probabilities": dict(image.prediction.ranked[:top_k]),
+        "decision": image.prediction.decision,
+        "ood_score": image.prediction.ood_score,
+    }
+    if explain:
+        saliency = image.saliency
+        answer["saliency"] = heatmap.data_uri(saliency.overlay_png) if saliency else None
+        answer["saliency_grid"] = saliency.grid.round(4).tolist() if saliency else None
+    return answer
+
+
 @bp.post("/predict")
 def predict():
-    top_k = _top_k()
-    answered_by, result = classify_request("api", thumbnails=False)
-    return jsonify(
-        {
-            "model": answered_by.describe(),
-            "elapsed_ms": round(result.elapsed_ms, 2),
-            "predictions": [
-                {
-                    "id": image.history_id,
-                    "filename": image.filename,
-                    "top_class": image.prediction.top_class,
-                    "probability": image.prediction.top_probability,
-                    "probabilities": dict(image.prediction.ranked[:top_k]),
-                    "decision": image.prediction.decision,
-                    "ood_score": image.prediction.ood_score,
-                }
-                for image in result.images
-            ],
-        }
-    )
+    top_k, explain = _top_k(), _explain()
+    answered_by, result = classify_request("api", thumbnails=False, explain_side=heatmap.OVERLAY_MAX_SIDE * explain)
+    answer = {"model": answered_by.describe(), "elapsed_ms": round(result.elapsed_ms, 2)}
+    if explain:
+        # Per model, not per image: why there are no maps, or which layer they come from.
+        layer = answered_by.explainer.layer_name
+        answer["explanation"] = {"unavailable": result.no_explanation} if result.no_explanation else {"layer": layer}
+    answer["predictions"] = [_prediction(image, top_k, explain) for image in result.images]
+    return jsonify(answer)
 
 
 @bp.get("/models")

@@ -1,5 +1,6 @@
-"""The server-rendered pages: upload and results, prediction history with feedback, the models
-and their cards. Errors render as HTML; on the upload page they show above the form."""
+"""The server-rendered pages: upload and results (with where the model looked), prediction history
+with feedback, the models and their cards. Errors render as HTML; on the upload page they show
+above the form."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import predictions
 import reports
 from calibration import DECISIONS, ECE_BINS
 from database import db
+from serving import explain_image
 from web.errors import describe, html_error
+from web.extensions import model_serving
 from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
@@ -24,6 +27,8 @@ bp = Blueprint("pages", __name__)
 # before they reach the database (SQLite raises OverflowError on them).
 MAX_ID = 2**31 - 1
 HISTORY_PAGE_SIZE = 20
+# Heat maps on the pages are drawn at most this wide: twice the thumbnail, sharp on a phone.
+PAGE_OVERLAY_SIDE = 256
 
 
 @bp.errorhandler(Exception)
@@ -41,8 +46,14 @@ def index():
 
 @bp.post("/")
 def classify():
-    answered_by, result = classify_request("web", thumbnails=True)
-    return render_template("index.html", results=result.images, answered_by=answered_by, elapsed_ms=result.elapsed_ms)
+    answered_by, result = classify_request("web", thumbnails=True, explain_side=PAGE_OVERLAY_SIDE)
+    return render_template(
+        "index.html",
+        results=result.images,
+        answered_by=answered_by,
+        elapsed_ms=result.elapsed_ms,
+        no_explanation=result.no_explanation,
+    )
 
 
 def _bounded_arg(name: str) -> int | None:
@@ -85,6 +96,19 @@ def prediction_thumbnail(prediction_id: int):
     if not thumbnail:
         abort(404)
     return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+
+@bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/explain")
+def prediction_explain(prediction_id: int):
+    """Where the served model looks in a recorded image for the class chosen (the top class by
+    default), drawn from the kept thumbnail."""
+    row = predictions.get(prediction_id)
+    if not row.thumbnail:
+        abort(404, "This image was not kept (KEEP_IMAGES is off), so no map can be drawn for it.")
+    loaded = model_serving.active()
+    class_name = request.args.get("class") or row.top_class
+    saliency = explain_image(loaded, row.thumbnail, class_name, model_serving.budget, PAGE_OVERLAY_SIDE)
+    return render_template("explain.html", prediction=row, saliency=saliency, answered_by=loaded)
 
 
 @bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/feedback")

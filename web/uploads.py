@@ -3,6 +3,8 @@ the served model, recorded in the prediction history when that is on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flask import current_app, request
 
 import predictions
@@ -35,16 +37,17 @@ def uploads_from_request(field: str = "image") -> list[Upload]:
     return uploads
 
 
-def classify_request(source: str, thumbnails: bool) -> tuple[LoadedModel, Classification]:
+def classify_request(source: str, thumbnails: bool, explain_side: int = 0) -> tuple[LoadedModel, Classification]:
     """Classify the request's images with the active model; each image carries its history id
-    once recorded. Thumbnails are made when asked or when the history keeps them."""
+    once recorded. Thumbnails are made when asked or when the history keeps them; with
+    `explain_side`, saliency maps of the top classes too."""
     config = current_app.config
     uploads = uploads_from_request()
     keep_images = bool(config["KEEP_IMAGES"])
     loaded = model_serving.active()
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
-    result = classify(uploads, loaded, model_serving.budget, side)
+    result = classify(uploads, loaded, model_serving.budget, side, explain_side)
     if config["RECORD_HISTORY"]:
         recorded = predictions.record(result.images, loaded, source, keep_images)
-        result = Classification(recorded, result.elapsed_ms)
+        result = replace(result, images=recorded)
     return loaded, result
