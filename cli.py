@@ -12,6 +12,7 @@ from flask.cli import AppGroup, with_appcontext
 
 import model_store
 import predictions
+from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
 from model_store import ModelStoreError
 from predictor import ImageError
@@ -194,5 +195,5 @@ def export_feedback_command(directory: Path) -> None:
 
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
-    for command in (init_db_command, models_group, predict_command, export_feedback_command):
+    for command in (init_db_command, models_group, predict_command, export_feedback_command, *ACCOUNT_COMMANDS):
         app.cli.add_command(command)

@@ -5,6 +5,7 @@ codes to HTTP statuses. Domain modules raise errors with a code; only this modul
 from __future__ import annotations
 
 from flask import Flask, current_app, jsonify, render_template, request
+from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -15,6 +16,8 @@ STATUS_BY_CODE = {
     "bad_image": 400,
     "bad_top_k": 400,
     "bad_feedback": 400,
+    "bad_account": 400,
+    "unauthorized": 401,
     "csrf": 400,
     "cross_site": 403,
     "not_found": 404,
@@ -23,6 +26,7 @@ STATUS_BY_CODE = {
     "too_many_pixels": 413,
     "unsupported_media_type": 415,
     "registry": 409,
+    "feedback_locked": 409,
     "model_output": 500,
     "internal": 500,
     "no_model": 503,
@@ -46,6 +50,8 @@ def describe(exc: Exception) -> tuple[str, str, int]:
     if isinstance(exc, CSRFError):
         message = f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again."
         return message, "csrf", 400
+    if isinstance(exc, RateLimitExceeded):
+        return f"Too many requests: the limit is {exc.description}. Try again later.", "rate_limited", 429
     if isinstance(exc, HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         return exc.description or exc.name, code, exc.code or 500

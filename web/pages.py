@@ -1,5 +1,8 @@
 """The server-rendered pages: upload and results, prediction history with feedback, the models
-and their cards. Errors render as HTML; on the upload page they show above the form."""
+and their cards. Errors render as HTML; on the upload page they show above the form.
+
+Each person sees and changes only their own predictions (operators all): someone else's answers
+404 like one that never existed."""
 
 from __future__ import annotations
 
@@ -9,10 +12,13 @@ import model_store
 import predictions
 import reports
 from database import db
+from web.auth import current_viewer, is_operator, require_page_login
 from web.errors import describe, html_error
+from web.limits import predict_limit
 from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
+bp.before_request(require_page_login)
 
 # Ids and page numbers beyond what the database's integer columns hold are answered 404 here,
 # before they reach the database (SQLite raises OverflowError on them).
@@ -34,6 +40,7 @@ def index():
 
 
 @bp.post("/")
+@predict_limit
 def classify():
     answered_by, result = classify_request("web", thumbnails=True)
     return render_template("index.html", results=result.images, answered_by=answered_by, elapsed_ms=result.elapsed_ms)
@@ -54,8 +61,9 @@ def history():
     page_number = _bounded_arg("page") or 1
     if page_number * HISTORY_PAGE_SIZE > MAX_ID:
         abort(404)
+    viewer = current_viewer()
     page = db.paginate(
-        predictions.query(top_class, model_id), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
+        predictions.query(top_class, model_id, viewer), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
     )
     return render_template(
         "history.html",
@@ -63,27 +71,42 @@ def history():
         top_class=top_class,
         model_id=model_id,
         models=model_store.list_models(),
-        feedback=predictions.feedback_by_model(),
+        feedback=predictions.feedback_by_model(viewer),
         class_names=_known_classes(),
     )
 
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/thumbnail.jpg")
 def prediction_thumbnail(prediction_id: int):
-    thumbnail = predictions.get(prediction_id).thumbnail
+    thumbnail = predictions.get(prediction_id, current_viewer()).thumbnail
     if not thumbnail:
         abort(404)
-    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+    # A person's photo: no shared cache keeps it, and the browser does not store it either.
+    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
 
 @bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/feedback")
 def prediction_feedback(prediction_id: int):
     verdict = request.form.get("verdict", "")
     correct_class = request.form.get("correct_class") or None
-    row = predictions.set_feedback(prediction_id, verdict, correct_class)
+    row = predictions.set_feedback(prediction_id, verdict, correct_class, current_viewer())
     note = "right" if row.feedback == "right" else f"wrong (it is {row.correct_class})"
     flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
     return redirect(url_for("pages.history", _anchor=f"p{row.id}"))
+
+
+@bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/delete")
+def delete_prediction(prediction_id: int):
+    predictions.delete_prediction(prediction_id, current_viewer())
+    flash(f"Prediction #{prediction_id} and its thumbnail are deleted.")
+    return redirect(url_for("pages.history"))
+
+
+@bp.post("/history/forget")
+def forget_history():
+    removed = predictions.forget(current_viewer())
+    flash(f"Forgotten: {removed} of your predictions and their thumbnails are deleted.")
+    return redirect(url_for("pages.history"))
 
 
 @bp.get("/models")
@@ -93,7 +116,8 @@ def models():
 
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>")
 def model_card(model_id: int):
-    return render_template("model_card.html", model=model_store.get_model(model_id))
+    private = () if is_operator() else model_store.PRIVATE_METRICS
+    return render_template("model_card.html", model=model_store.get_model(model_id), private=private)
 
 
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>/<any(curves, confusion):plot>.png")

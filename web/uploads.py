@@ -7,6 +7,7 @@ from flask import current_app, request
 
 import predictions
 from serving import Classification, LoadedModel, Upload, classify, clean_filename
+from web.auth import current_viewer
 from web.errors import WebError
 from web.extensions import model_serving
 
@@ -45,6 +46,7 @@ def classify_request(source: str, thumbnails: bool) -> tuple[LoadedModel, Classi
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
     result = classify(uploads, loaded, config["MAX_IMAGE_PIXELS"], side)
     if config["RECORD_HISTORY"]:
-        recorded = predictions.record(result.images, loaded, source, keep_images)
+        owner = current_viewer(create_session=True)
+        recorded = predictions.record(result.images, loaded, source, keep_images, owner)
         result = Classification(recorded, result.elapsed_ms)
     return loaded, result
