@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import Flask, current_app, jsonify, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
 
 STATUS_BY_CODE = {
     "no_file": 400,
@@ -100,4 +100,7 @@ def init_app(app: Flask, api_prefix: str) -> None:
 
     @app.errorhandler(Exception)
     def fallback(exc: Exception):
-        return json_error(exc) if request.path.startswith(api_prefix) else html_error(exc)
+        # A Host outside TRUSTED_HOSTS leaves no URL adapter to render a page with: JSON then.
+        if request.path.startswith(api_prefix) or isinstance(exc, SecurityError):
+            return json_error(exc)
+        return html_error(exc)
