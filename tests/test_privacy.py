@@ -13,6 +13,7 @@ from helpers import classify, image_bytes
 from PIL import Image
 
 import app as app_module
+import model_store
 import predictions
 from database import db
 from predictions import PredictionRecord
@@ -107,9 +108,9 @@ def test_hosts_outside_trusted_hosts_are_refused_against_dns_rebinding(make_app,
 
 def test_forms_post_over_https_with_csrf_and_the_referrer_policy(make_app, seed_model_file):
     app = make_app(WTF_CSRF_ENABLED=True)
-    runner = app.test_cli_runner()
-    runner.invoke(args=["init-db"])
-    runner.invoke(args=["models", "import", str(seed_model_file), "--activate"])
+    with app.app_context():
+        model_store.init_db()
+        model_store.import_model(seed_model_file, activate=True)
     client = app.test_client()
     page = client.get("/", base_url="https://localhost")
     assert page.headers["Referrer-Policy"] == "same-origin"
