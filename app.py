@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our own messages
@@ -19,8 +20,8 @@ from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, errors, ops, pages
-from web.extensions import csrf, model_serving
+from web import api, auth, errors, ops, pages, privacy
+from web.extensions import csrf, limiter, model_serving
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -40,6 +41,19 @@ DEFAULTS = {
     "BATCH_MAX_WAIT_MS": 2.0,
     "RECORD_HISTORY": True,
     "KEEP_IMAGES": True,
+    # Accounts and privacy (README, Security and privacy). None: on, but refused on a non-loopback bind.
+    "ALLOW_ANONYMOUS": None,
+    "ALLOW_ANONYMOUS_API": None,
+    "RETENTION_DAYS": 30,
+    "METRICS_TOKEN": None,
+    "METRICS_ALLOW_LOOPBACK": True,
+    "TRUSTED_HOSTS": [],  # added to the loopback names
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    "RATELIMIT_ENABLED": True,
+    "RATELIMIT_STORAGE_URI": "memory://",
+    "RATELIMIT_HEADERS_ENABLED": True,
+    "PREDICT_RATE_LIMIT": "120 per minute",
+    "LOGIN_RATE_LIMIT": "5 per minute",
 }
 
 CONTENT_SECURITY_POLICY = (
@@ -56,7 +70,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     instance = database.instance_path((test_config or {}).get("INSTANCE_PATH"))
     app = Flask(__name__, instance_path=str(instance), instance_relative_config=True)
-    instance.mkdir(parents=True, exist_ok=True)
+    # The instance folder holds every kept photo and the secret key: for this account only.
+    instance.mkdir(mode=0o700, parents=True, exist_ok=True)
+    instance.chmod(0o700)
     app.config.from_mapping(DEFAULTS, SQLALCHEMY_DATABASE_URI=database.database_uri(instance))
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
@@ -66,6 +82,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _secret_key(instance)
     app.config.setdefault("MODEL_CACHE_DIR", str(instance / "models"))
+    app.config["TRUSTED_HOSTS"] = [*auth.LOOPBACK_NAMES, *app.config["TRUSTED_HOSTS"]]
     # Pillow's own decompression-bomb guard, at the same limit as our header check.
     Image.MAX_IMAGE_PIXELS = int(app.config["MAX_IMAGE_PIXELS"])
 
@@ -74,6 +91,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.jinja_env.filters["png_data_uri"] = heatmap.data_uri
     database.init_app(app)
     csrf.init_app(app)
+    limiter.init_app(app)
+    auth.init_app(app)
+    privacy.init_app(app)
     model_serving.init_app(app)
     monitoring.init_app(app)
     for blueprint in (pages.bp, api.bp, ops.bp):
@@ -87,13 +107,21 @@ def create_app(test_config: dict | None = None) -> Flask:
 def _secret_key(instance: Path) -> str:
     """The secret key from the instance folder, generated on first run (never from the code)."""
     key_file = instance / "secret_key"
-    try:
-        # O_EXCL: of several workers starting at once, one creates the key and the others read it.
-        handle = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return key_file.read_text().strip()
-    with os.fdopen(handle, "w") as key:
-        key.write(secrets.token_hex(32))
+    if not key_file.exists():
+        # Written whole to a temporary file (0600), then linked into place: a worker starting at
+        # the same moment sees no file or the full key, never an empty one. Of several workers,
+        # the first link wins and the others read its key.
+        handle, temporary = tempfile.mkstemp(dir=instance, prefix=".secret_key.")
+        try:
+            with os.fdopen(handle, "w") as key:
+                key.write(secrets.token_hex(32))
+                key.flush()
+                os.fsync(key.fileno())
+            os.link(temporary, key_file)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
     return key_file.read_text().strip()
 
 
@@ -101,5 +129,6 @@ def _security_headers(response):
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin: Flask-WTF checks the Referer of form posts over HTTPS, and other sites get none.
+    response.headers["Referrer-Policy"] = "same-origin"
     return response

@@ -13,6 +13,7 @@ from flask.cli import AppGroup, with_appcontext
 import heatmap
 import model_store
 import predictions
+from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
@@ -277,5 +278,12 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
 
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
-    for command in (init_db_command, models_group, predict_command, calibrate_command, export_feedback_command):
+    for command in (
+        init_db_command,
+        models_group,
+        predict_command,
+        calibrate_command,
+        export_feedback_command,
+        *ACCOUNT_COMMANDS,
+    ):
         app.cli.add_command(command)

@@ -42,7 +42,18 @@ def init_app(app: Flask) -> None:
     db.init_app(app)
     migrate.init_app(app, db)
     with app.app_context():
+        _private_sqlite_file(db.engine)
         _tune_sqlite(db.engine)
+
+
+def _private_sqlite_file(engine) -> None:
+    """The SQLite file holds every kept photo: create it 0600 (or make it so). SQLite gives its
+    -wal and -shm files the database file's permissions, so they are 0600 too."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
 
 
 def _tune_sqlite(engine) -> None:

@@ -29,6 +29,9 @@ _metrics_dir = Path(
 def on_starting(server):
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     _metrics_dir.mkdir(parents=True, exist_ok=True)
+    # The app refuses to serve anonymously on a non-loopback address (web/auth.py); it learns the
+    # addresses from here, whether they came from HOST/PORT or from `gunicorn -b`.
+    os.environ["SERVER_BIND"] = ",".join(server.cfg.bind)
 
 
 def post_worker_init(worker):

@@ -39,6 +39,9 @@ from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 # Serving always reads the names stored with each model, never this list.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FIRST_REVISION = "0001"
+# Metrics that say where and how a model was trained (paths and the command on the build machine):
+# operators see them on the model card; the API and other visitors do not.
+PRIVATE_METRICS = ("command", "data_source", "data_sha256", "report_files")
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
 
 

@@ -3,18 +3,37 @@
 Every prediction is recorded with the model version, top class, confidence, a hash of the image
 and (unless KEEP_IMAGES is off) a small thumbnail. People mark predictions right or wrong; the
 marked images export as an image-folder data set that `train.py --data` reads.
+
+Each prediction has an owner (an account, or an anonymous browser session) and each piece of
+feedback an author; a `Viewer` sees only their own predictions unless an operator. Predictions
+older than the retention period are purged.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, case, func, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    case,
+    delete,
+    false,
+    func,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
+from accounts import Viewer
 from database import db
 from serving import ClassifiedImage
 
@@ -29,9 +48,15 @@ class HistoryError(Exception):
 
 
 class PredictionNotFound(HistoryError):
-    """No prediction with that id."""
+    """No prediction with that id that the viewer may see."""
 
     code = "not_found"
+
+
+class FeedbackLocked(HistoryError):
+    """Feedback someone else gave, which only they or an operator may change."""
+
+    code = "feedback_locked"
 
 
 class PredictionRecord(db.Model):
@@ -59,6 +84,10 @@ class PredictionRecord(db.Model):
     feedback: Mapped[str | None] = mapped_column(String(10))
     correct_class: Mapped[str | None] = mapped_column(String(100))
     feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    owner_session: Mapped[str | None] = mapped_column(String(64), index=True)
+    feedback_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    feedback_author: Mapped[str | None] = mapped_column(String(100))
 
     @property
     def labelled_class(self) -> str | None:
@@ -70,9 +99,12 @@ class PredictionRecord(db.Model):
         return None
 
 
-def record(images: list[ClassifiedImage], model, source: str, keep_images: bool) -> list[ClassifiedImage]:
-    """Store predictions made by `model` (a LoadedModel) in one transaction; returns the images
-    with their history ids. Thumbnails are kept only when `keep_images` is on."""
+def record(
+    images: list[ClassifiedImage], model, source: str, keep_images: bool, owner: Viewer | None = None
+) -> list[ClassifiedImage]:
+    """Store predictions made by `model` (a LoadedModel) for `owner` in one transaction; returns
+    the images with their history ids. Thumbnails are kept only when `keep_images` is on."""
+    owner = owner or Viewer()
     now = datetime.now(UTC)
     rows = [
         PredictionRecord(
@@ -89,6 +121,8 @@ def record(images: list[ClassifiedImage], model, source: str, keep_images: bool)
             ood_score=image.prediction.ood_score,
             image_sha256=image.image_sha256,
             thumbnail=image.thumbnail if keep_images else None,
+            owner_user_id=owner.user_id,
+            owner_session=None if owner.user_id else owner.session_id,
         )
         for image in images
     ]
@@ -106,9 +140,26 @@ def record(images: list[ClassifiedImage], model, source: str, keep_images: bool)
     return [replace(image, history_id=row.id) for image, row in zip(images, rows, strict=True)]
 
 
-def query(top_class: str | None = None, model_id: int | None = None, decision: str | None = None):
-    """Predictions newest first, filtered by predicted class, model version and decision."""
-    statement = select(PredictionRecord).order_by(PredictionRecord.id.desc())
+def _visible_to(statement, viewer: Viewer | None):
+    """Only the viewer's own predictions; None (the operator's CLI) and operators see all."""
+    if viewer is None or viewer.operator:
+        return statement
+    return statement.where(*_owned_by(viewer))
+
+
+def _owned_by(viewer: Viewer) -> tuple:
+    if viewer.user_id is not None:
+        return (PredictionRecord.owner_user_id == viewer.user_id,)
+    if viewer.session_id is None:
+        return (false(),)  # a request without a session (a script) owns nothing
+    return (PredictionRecord.owner_user_id.is_(None), PredictionRecord.owner_session == viewer.session_id)
+
+
+def query(
+    top_class: str | None = None, model_id: int | None = None, decision: str | None = None, viewer: Viewer | None = None
+):
+    """Predictions the viewer may see, newest first, filtered by predicted class, model version and decision."""
+    statement = _visible_to(select(PredictionRecord).order_by(PredictionRecord.id.desc()), viewer)
     if decision:
         statement = statement.where(PredictionRecord.decision == decision)
     if top_class:
@@ -118,16 +169,25 @@ def query(top_class: str | None = None, model_id: int | None = None, decision: s
     return statement
 
 
-def get(prediction_id: int) -> PredictionRecord:
-    row = db.session.get(PredictionRecord, prediction_id)
+def get(prediction_id: int, viewer: Viewer | None = None) -> PredictionRecord:
+    """A prediction the viewer may see; someone else's is "not found", like one that never was."""
+    statement = _visible_to(select(PredictionRecord).where(PredictionRecord.id == prediction_id), viewer)
+    row = db.session.scalar(statement)
     if row is None:
         raise PredictionNotFound(f"no prediction with id {prediction_id}")
     return row
 
 
-def set_feedback(prediction_id: int, verdict: str, correct_class: str | None) -> PredictionRecord:
-    """Mark a prediction right, or wrong with the class it should have been."""
-    row = get(prediction_id)
+def set_feedback(
+    prediction_id: int, verdict: str, correct_class: str | None, viewer: Viewer | None = None
+) -> PredictionRecord:
+    """Mark a prediction right, or wrong with the class it should have been, as `viewer`.
+
+    Feedback another account gave stays unless an operator changes it."""
+    viewer = viewer or Viewer(operator=True, name="operator")
+    row = get(prediction_id, viewer)
+    if row.feedback and not viewer.operator and row.feedback_user_id != viewer.user_id:
+        raise FeedbackLocked(f"prediction #{row.id} was marked by {row.feedback_author}; only they can change it")
     if verdict not in VERDICTS:
         raise HistoryError("feedback must be 'right', 'wrong' or 'none' (none of the classes)")
     if verdict == "wrong":
@@ -144,8 +204,29 @@ def set_feedback(prediction_id: int, verdict: str, correct_class: str | None) ->
     row.feedback = verdict
     row.correct_class = correct_class if verdict == "wrong" else None
     row.feedback_at = datetime.now(UTC)
+    row.feedback_user_id, row.feedback_author = viewer.user_id, viewer.name
     db.session.commit()
     return row
+
+
+def delete_prediction(prediction_id: int, viewer: Viewer) -> None:
+    db.session.delete(get(prediction_id, viewer))
+    db.session.commit()
+
+
+def forget(viewer: Viewer) -> int:
+    """Delete every prediction the viewer owns (an operator's own too, not everyone's); how many."""
+    result = db.session.execute(delete(PredictionRecord).where(*_owned_by(viewer)))
+    db.session.commit()
+    return result.rowcount
+
+
+def purge(retention_days: float, now: datetime | None = None) -> int:
+    """Delete predictions older than the retention period; how many."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    result = db.session.execute(delete(PredictionRecord).where(PredictionRecord.created_at < cutoff))
+    db.session.commit()
+    return result.rowcount
 
 
 @dataclass(frozen=True)
@@ -162,9 +243,9 @@ class ModelFeedback:
         return self.marked_right / self.marked if self.marked else None
 
 
-def feedback_by_model() -> list[ModelFeedback]:
-    """Per model version: predictions made, how many were marked, marked right, and marked
-    "none of these classes"."""
+def feedback_by_model(viewer: Viewer | None = None) -> list[ModelFeedback]:
+    """Per model version, over the predictions the viewer sees: made, marked, marked right, and
+    marked "none of these classes"."""
     marked = func.count(PredictionRecord.feedback)
     right = func.sum(case((PredictionRecord.feedback == "right", 1), else_=0))
     none = func.sum(case((PredictionRecord.feedback == "none", 1), else_=0))
@@ -173,6 +254,7 @@ def feedback_by_model() -> list[ModelFeedback]:
         .group_by(PredictionRecord.model_name, PredictionRecord.model_version)
         .order_by(PredictionRecord.model_name, PredictionRecord.model_version.desc())
     )
+    statement = _visible_to(statement, viewer)
     return [
         ModelFeedback(n, v, total, m, int(r or 0), int(x or 0))
         for n, v, total, m, r, x in db.session.execute(statement)
@@ -180,9 +262,11 @@ def feedback_by_model() -> list[ModelFeedback]:
 
 
 def export_feedback(directory: Path) -> dict[str, int]:
-    """Write every marked prediction's thumbnail to `directory/<class>/<id>.jpg`; counts per class."""
+    """Write every marked prediction's thumbnail to `directory/<class>/<id>.jpg`, and who marked
+    each and when to `directory/feedback.csv`; counts per class."""
     counts: dict[str, int] = {}
     statement = select(PredictionRecord).where(PredictionRecord.feedback.is_not(None)).order_by(PredictionRecord.id)
+    authors = []
     for row in db.session.scalars(statement):
         label = row.labelled_class
         if not row.thumbnail or not label:
@@ -191,6 +275,12 @@ def export_feedback(directory: Path) -> dict[str, int]:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{row.id}.jpg").write_bytes(row.thumbnail)
         counts[label] = counts.get(label, 0) + 1
+        authors.append((f"{folder.name}/{row.id}.jpg", label, row.feedback_author or "", row.feedback_at.isoformat()))
+    if authors:
+        with (directory / "feedback.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("file", "class", "author", "marked_at"))
+            writer.writerows(authors)
     return counts
 
 

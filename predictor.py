@@ -148,6 +148,8 @@ def thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
     """A small JPEG of a decoded image, for the result page and the history."""
     small = rgb.copy()
     small.thumbnail((side, side), Image.Resampling.LANCZOS)
+    # Rebuilt from the pixels alone: no EXIF, comment or other metadata of the upload survives.
+    small = Image.frombytes("RGB", small.size, small.tobytes())
     buffer = io.BytesIO()
     small.save(buffer, "JPEG", quality=85)
     return buffer.getvalue()

@@ -72,6 +72,8 @@ def make_app(tmp_path) -> Callable[..., Flask]:
             "SQLALCHEMY_DATABASE_URI": database_uri,
             "SECRET_KEY": "test",
             "WTF_CSRF_ENABLED": False,
+            # Limits are off unless a test is about them: the suite sends hundreds of requests.
+            "RATELIMIT_ENABLED": False,
             "MODEL_POLL_SECONDS": 0,
             # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
             # covers that path, the others validate in-process under the same caps.

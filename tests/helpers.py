@@ -40,6 +40,12 @@ def image_bytes(fmt: str = "JPEG", size=(32, 32), color=(200, 30, 30), mode: str
     return buffer.getvalue()
 
 
+def classify(client, *contents, route="/api/v1/predict", **kwargs):
+    """POST images as multipart field `image` (the API by default; route="/" for the page)."""
+    files = [(io.BytesIO(content), f"{i}.png") for i, content in enumerate(contents)]
+    return client.post(route, data={"image": files}, content_type="multipart/form-data", **kwargs)
+
+
 def random_image_bytes(seed: int = 0, size=(32, 32), fmt: str = "PNG") -> bytes:
     """An encoded image of random pixels, different for each seed."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -73,3 +79,25 @@ def force_calibration(app, confidence_threshold: float, ood_threshold: float) ->
         record["ood"]["threshold"] = ood_threshold
         model_store.set_calibration(row.id, record)
     return record
+
+
+def make_user(runner, name, role="member", password="correct horse"):
+    """An account made with the CLI, as an operator makes one."""
+    result = runner.invoke(args=["users", "create", name, "--role", role, "--password-stdin"], input=password + "\n")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def make_key(runner, user, name="script"):
+    """A new API key for `user`: the last line of `flask api-keys create`."""
+    result = runner.invoke(args=["api-keys", "create", name, "--user", user])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def login(client, name, password="correct horse"):
+    return client.post("/login", data={"username": name, "password": password})
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FORCED, force_calibration, image_bytes, random_image_bytes
+from helpers import FORCED, force_calibration, image_bytes, make_user, random_image_bytes
 
 import model_store
 
@@ -170,4 +170,52 @@ def test_where_it_looked_and_for_another_class(app, live_server, tmp_path):
         assert page.locator(".saliency-class").inner_text() == other
         assert page.eval_on_selector(".saliency-map", "img => img.complete && img.naturalWidth") > 0
         page.screenshot(path=str(shots / "saliency-other-class.png"), full_page=True)
+
+
+def _log_in(browser, url: str, name: str):
+    """A fresh browser context (its own cookies) logged in through the /login form."""
+    page = browser.new_context().new_page()
+    page.goto(url + "/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", "correct horse")
+    page.click("form.login button[type=submit]")
+    page.wait_for_selector(".flash")
+    assert f"Logged in as {name}" in page.locator(".flash").inner_text()
+    return page
+
+
+def test_operator_sees_everyones_predictions_a_member_only_their_own(app, live_server, tmp_path):
+    runner = app.test_cli_runner()
+    make_user(runner, "olga", "operator")
+    make_user(runner, "max")
+    photo = tmp_path / "max_holiday.jpg"
+    photo.write_bytes(image_bytes(size=(64, 64), color=(30, 160, 60)))
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        anonymous = browser.new_context().new_page()
+        anonymous.goto(live_server + "/")
+        anonymous.set_input_files("#image-input", str(photo))
+        anonymous.click("button[type=submit]")
+        anonymous.wait_for_selector(".result")
+
+        member = _log_in(browser, live_server, "max")
+        member.set_input_files("#image-input", str(photo))
+        member.click("#upload-form button[type=submit]")
+        member.wait_for_selector(".result")
+        assert "deleted after 30 days" in member.locator(".retention").inner_text()
+        member.goto(live_server + "/history")
+        assert member.locator("h1").inner_text() == "Your predictions"
+        assert member.locator(".history-row").count() == 1
+
+        operator = _log_in(browser, live_server, "olga")
+        operator.goto(live_server + "/history")
+        assert operator.locator("h1").inner_text() == "All predictions"
+        assert operator.locator(".history-row").count() == 2
+        # Newest first: the member's, then the anonymous visitor's, which the member cannot fetch.
+        members, anonymous_one = (img.get_attribute("src") for img in operator.locator(".history-row img").all())
+        assert operator.request.get(live_server + anonymous_one).status == 200
+        assert member.request.get(live_server + members).status == 200
+        assert member.request.get(live_server + anonymous_one).status == 404
+        anonymous.goto(live_server + "/history")
+        assert anonymous.locator(".history-row").count() == 1
         browser.close()

@@ -134,7 +134,15 @@ def test_api_without_explain_computes_and_adds_nothing(client, monkeypatch):
     for path in ("/api/v1/predict", "/api/v1/predict?explain=0"):
         answer = _post(client, path, random_image_bytes(4)).get_json()
         assert "explanation" not in answer
-        assert set(answer["predictions"][0]) == {"id", "filename", "top_class", "probability", "probabilities", "decision", "ood_score"}
+        assert set(answer["predictions"][0]) == {
+            "id",
+            "filename",
+            "top_class",
+            "probability",
+            "probabilities",
+            "decision",
+            "ood_score",
+        }
 
 
 def test_api_refuses_an_unclear_explain_value(client):

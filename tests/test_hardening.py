@@ -238,8 +238,17 @@ def test_secret_key_is_generated_in_the_instance_folder(make_app):
 
 def test_no_web_route_changes_the_registry(app):
     writes = {rule.rule for rule in app.url_map.iter_rules() if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}}
-    # Two routes classify (and record history); one records feedback. None touches the models.
-    assert writes == {"/", "/api/v1/predict", "/predictions/<int(max=2147483647):prediction_id>/feedback"}
+    # Two routes classify (and record history); three record feedback or delete a person's own
+    # predictions; two log in and out. None touches the models.
+    assert writes == {
+        "/",
+        "/api/v1/predict",
+        "/predictions/<int(max=2147483647):prediction_id>/feedback",
+        "/predictions/<int(max=2147483647):prediction_id>/delete",
+        "/history/forget",
+        "/login",
+        "/logout",
+    }
 
 
 def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp_path):

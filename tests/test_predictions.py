@@ -4,16 +4,11 @@ import io
 import re
 
 import numpy as np
-from helpers import image_bytes, random_image_bytes
+from helpers import classify, image_bytes, random_image_bytes
 
 import predictions
 import train
 from database import db
-
-
-def classify(client, *contents, route="/api/v1/predict"):
-    files = [(io.BytesIO(content), f"{i}.png") for i, content in enumerate(contents)]
-    return client.post(route, data={"image": files}, content_type="multipart/form-data")
 
 
 def test_every_prediction_is_recorded_with_a_thumbnail(app, client):

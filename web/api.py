@@ -1,20 +1,24 @@
 """The JSON API for scripts (`/api/v1`): classify images, list the registry. Errors are JSON.
 
 The API needs no CSRF token, so a browser on another site could use it to plant images in the
-history: requests that carry an Origin of another site are refused before any work.
+history: requests that carry an Origin outside TRUSTED_HOSTS are refused before any work. Callers
+are anonymous (ALLOW_ANONYMOUS_API) or send `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.sansio.utils import host_is_trusted
 
 import heatmap
 import model_store
 from serving import ClassifiedImage
+from web.auth import is_operator, require_api_caller
 from web.errors import WebError, json_error
 from web.extensions import csrf
+from web.limits import predict_limit
 from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
@@ -28,10 +32,14 @@ bp.register_error_handler(Exception, json_error)
 
 @bp.before_request
 def refuse_cross_site() -> None:
-    """Scripts send no Origin; a browser on another site does."""
+    """Scripts send no Origin; a browser on another site does. The Host header is not compared:
+    a DNS-rebinding page chooses it, and the Origin with it."""
     origin = request.headers.get("Origin")
-    if origin and urlsplit(origin).netloc != request.host:
+    if origin and not host_is_trusted(urlsplit(origin).netloc, current_app.config["TRUSTED_HOSTS"]):
         raise WebError("Cross-site browser requests to the API are refused.", "cross_site")
+
+
+bp.before_request(require_api_caller)
 
 
 def _top_k() -> int | None:
@@ -69,6 +77,7 @@ def _prediction(image: ClassifiedImage, top_k: int | None, explain: bool) -> dic
 
 
 @bp.post("/predict")
+@predict_limit
 def predict():
     top_k, explain = _top_k(), _explain()
     answered_by, result = classify_request("api", thumbnails=False, explain_side=heatmap.OVERLAY_MAX_SIDE * explain)
@@ -83,12 +92,16 @@ def predict():
 
 @bp.get("/models")
 def models():
+    private = () if is_operator() else model_store.PRIVATE_METRICS
     calibrations = model_store.calibration_summaries()
-    return jsonify({"models": [_public(row.to_dict(), calibrations.get(row.id)) for row in model_store.list_models()]})
+    return jsonify(
+        {"models": [_public(row.to_dict(), private, calibrations.get(row.id)) for row in model_store.list_models()]}
+    )
 
 
-def _public(model: dict, calibration_summary: dict | None) -> dict:
+def _public(model: dict, private: tuple[str, ...], calibration_summary: dict | None) -> dict:
     """Registry metadata for the API: the training history is long and stays on the model card;
-    the calibration is its summary (temperature, thresholds, ECE)."""
-    metrics = {key: value for key, value in model["metrics"].items() if key != "history"}
+    where and how the model was trained is for operators only; the calibration is its summary
+    (temperature, thresholds, ECE)."""
+    metrics = {key: value for key, value in model["metrics"].items() if key != "history" and key not in private}
     return {**model, "metrics": metrics, "calibration": calibration_summary or {"calibrated": False}}

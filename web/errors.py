@@ -5,8 +5,9 @@ codes to HTTP statuses. Domain modules raise errors with a code; only this modul
 from __future__ import annotations
 
 from flask import Flask, current_app, jsonify, render_template, request
+from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
 
 STATUS_BY_CODE = {
     "no_file": 400,
@@ -17,6 +18,8 @@ STATUS_BY_CODE = {
     "bad_explain": 400,
     "unknown_class": 400,
     "bad_feedback": 400,
+    "bad_account": 400,
+    "unauthorized": 401,
     "csrf": 400,
     "cross_site": 403,
     "not_found": 404,
@@ -27,6 +30,7 @@ STATUS_BY_CODE = {
     "unsupported_media_type": 415,
     "registry": 409,
     "no_explanation": 422,
+    "feedback_locked": 409,
     "model_output": 500,
     "internal": 500,
     "no_model": 503,
@@ -50,6 +54,8 @@ def describe(exc: Exception) -> tuple[str, str, int]:
     if isinstance(exc, CSRFError):
         message = f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again."
         return message, "csrf", 400
+    if isinstance(exc, RateLimitExceeded):
+        return f"Too many requests: the limit is {exc.description}. Try again later.", "rate_limited", 429
     if isinstance(exc, HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         return exc.description or exc.name, code, exc.code or 500
@@ -105,4 +111,7 @@ def init_app(app: Flask, api_prefix: str) -> None:
 
     @app.errorhandler(Exception)
     def fallback(exc: Exception):
-        return json_error(exc) if request.path.startswith(api_prefix) else html_error(exc)
+        # A Host outside TRUSTED_HOSTS leaves no URL adapter to render a page with: JSON then.
+        if request.path.startswith(api_prefix) or isinstance(exc, SecurityError):
+            return json_error(exc)
+        return html_error(exc)

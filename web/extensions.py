@@ -1,4 +1,4 @@
-"""Flask extensions the web layer shares: CSRF protection and the model being served.
+"""Flask extensions the web layer shares: CSRF protection, request limits and the model being served.
 
 `model_serving` is to the served model what `db` is to the database: created once here, bound
 to an app with `init_app`, and reached in a request through its accessors.
@@ -10,12 +10,16 @@ import threading
 from pathlib import Path
 
 from flask import Flask, current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFProtect
 
 from serving import BatchingConfig, DecodeBudget, LoadedModel, ModelHolder
 from web.errors import WebError
 
 csrf = CSRFProtect()
+# Storage, headers and on/off come from the RATELIMIT_* settings; the limits are in web/limits.py.
+limiter = Limiter(key_func=get_remote_address)
 
 
 class ModelServing:

@@ -1,11 +1,13 @@
-"""For the operator's tools: readiness (`/healthz`) and Prometheus metrics (`/metrics`)."""
+"""For the operator's tools: readiness (`/healthz`) and Prometheus metrics (`/metrics`: for an
+operator, the bearer METRICS_TOKEN, or a loopback client unless METRICS_ALLOW_LOOPBACK is off)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
 import monitoring
-from web.errors import json_error
+from web.auth import may_read_metrics
+from web.errors import WebError, json_error
 from web.extensions import model_serving
 
 bp = Blueprint("ops", __name__)
@@ -20,5 +22,7 @@ def healthz():
 
 @bp.get("/metrics")
 def metrics():
+    if not may_read_metrics():
+        raise WebError("Metrics are for operators: send 'Authorization: Bearer METRICS_TOKEN'.", "unauthorized")
     body, content_type = monitoring.exposition()
     return Response(body, content_type=content_type)

@@ -1,6 +1,9 @@
 """The server-rendered pages: upload and results (with where the model looked), prediction history
 with feedback, the models and their cards. Errors render as HTML; on the upload page they show
-above the form."""
+above the form.
+
+Each person sees and changes only their own predictions (operators all): someone else's answers
+404 like one that never existed."""
 
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import reports
 from calibration import DECISIONS, ECE_BINS
 from database import db
 from serving import explain_image
+from web.auth import current_viewer, is_operator, require_page_login
 from web.errors import describe, html_error
 from web.extensions import model_serving
+from web.limits import predict_limit
 from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
+bp.before_request(require_page_login)
 
 # Ids and page numbers beyond what the database's integer columns hold are answered 404 here,
 # before they reach the database (SQLite raises OverflowError on them).
@@ -45,6 +51,7 @@ def index():
 
 
 @bp.post("/")
+@predict_limit
 def classify():
     answered_by, result = classify_request("web", thumbnails=True, explain_side=PAGE_OVERLAY_SIDE)
     return render_template(
@@ -74,8 +81,12 @@ def history():
     page_number = _bounded_arg("page") or 1
     if page_number * HISTORY_PAGE_SIZE > MAX_ID:
         abort(404)
+    viewer = current_viewer()
     page = db.paginate(
-        predictions.query(top_class, model_id, decision), page=page_number, per_page=HISTORY_PAGE_SIZE, error_out=False
+        predictions.query(top_class, model_id, decision, viewer),
+        page=page_number,
+        per_page=HISTORY_PAGE_SIZE,
+        error_out=False,
     )
     return render_template(
         "history.html",
@@ -85,24 +96,25 @@ def history():
         decision=decision,
         decisions=DECISIONS,
         models=model_store.list_models(),
-        feedback=predictions.feedback_by_model(),
+        feedback=predictions.feedback_by_model(viewer),
         class_names=_known_classes(),
     )
 
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/thumbnail.jpg")
 def prediction_thumbnail(prediction_id: int):
-    thumbnail = predictions.get(prediction_id).thumbnail
+    thumbnail = predictions.get(prediction_id, current_viewer()).thumbnail
     if not thumbnail:
         abort(404)
-    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+    # A person's photo: no shared cache keeps it, and the browser does not store it either.
+    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/explain")
 def prediction_explain(prediction_id: int):
     """Where the served model looks in a recorded image for the class chosen (the top class by
     default), drawn from the kept thumbnail."""
-    row = predictions.get(prediction_id)
+    row = predictions.get(prediction_id, current_viewer())
     if not row.thumbnail:
         abort(404, "This image was not kept (KEEP_IMAGES is off), so no map can be drawn for it.")
     loaded = model_serving.active()
@@ -115,10 +127,24 @@ def prediction_explain(prediction_id: int):
 def prediction_feedback(prediction_id: int):
     verdict = request.form.get("verdict", "")
     correct_class = request.form.get("correct_class") or None
-    row = predictions.set_feedback(prediction_id, verdict, correct_class)
+    row = predictions.set_feedback(prediction_id, verdict, correct_class, current_viewer())
     note = {"right": "right", "none": "as none of the classes"}.get(row.feedback, f"wrong (it is {row.correct_class})")
     flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
     return redirect(url_for("pages.history", _anchor=f"p{row.id}"))
+
+
+@bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/delete")
+def delete_prediction(prediction_id: int):
+    predictions.delete_prediction(prediction_id, current_viewer())
+    flash(f"Prediction #{prediction_id} and its thumbnail are deleted.")
+    return redirect(url_for("pages.history"))
+
+
+@bp.post("/history/forget")
+def forget_history():
+    removed = predictions.forget(current_viewer())
+    flash(f"Forgotten: {removed} of your predictions and their thumbnails are deleted.")
+    return redirect(url_for("pages.history"))
 
 
 @bp.get("/models")
@@ -129,8 +155,13 @@ def models():
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>")
 def model_card(model_id: int):
     model = model_store.get_model(model_id)
+    private = () if is_operator() else model_store.PRIVATE_METRICS
     return render_template(
-        "model_card.html", model=model, calibration=model_store.get_calibration(model.id), ece_bins=ECE_BINS
+        "model_card.html",
+        model=model,
+        calibration=model_store.get_calibration(model.id),
+        ece_bins=ECE_BINS,
+        private=private,
     )
 
 

@@ -9,6 +9,7 @@ from flask import current_app, request
 
 import predictions
 from serving import Classification, LoadedModel, Upload, classify, clean_filename
+from web.auth import current_viewer
 from web.errors import WebError
 from web.extensions import model_serving
 
@@ -48,6 +49,7 @@ def classify_request(source: str, thumbnails: bool, explain_side: int = 0) -> tu
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
     result = classify(uploads, loaded, model_serving.budget, side, explain_side)
     if config["RECORD_HISTORY"]:
-        recorded = predictions.record(result.images, loaded, source, keep_images)
+        owner = current_viewer(create_session=True)
+        recorded = predictions.record(result.images, loaded, source, keep_images, owner)
         result = replace(result, images=recorded)
     return loaded, result

@@ -1,0 +1,113 @@
+"""`flask` commands for accounts and privacy: `flask users ...`, `flask api-keys ...` and
+`flask purge-history`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from flask import current_app
+from flask.cli import AppGroup, with_appcontext
+
+import accounts
+import predictions
+from accounts import AccountError
+
+users_group = AppGroup("users", help="Accounts: create, list, delete, set-password.")
+keys_group = AppGroup("api-keys", help="API keys: create (printed once), list, revoke.")
+
+
+def _password(from_stdin: bool) -> str:
+    """One line of standard input, or a hidden prompt asked twice."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+def _run(action):
+    """Run an account operation; its refusal is a clear message and exit status 1."""
+    try:
+        return action()
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@users_group.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(accounts.ROLES), default="member", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="read the password as one line of standard input")
+def create_user_command(name: str, role: str, password_stdin: bool) -> None:
+    """Create an account (the password is asked for, or read with --password-stdin)."""
+    user = _run(lambda: accounts.create_user(name, _password(password_stdin), role))
+    click.echo(f"created {user.role} {user.name}")
+
+
+@users_group.command("list")
+def list_users_command() -> None:
+    """List the accounts."""
+    users = accounts.list_users()
+    if not users:
+        click.echo("no accounts; create one with `flask --app app users create NAME --role operator`")
+        return
+    for user in users:
+        click.echo(f"{user.id:>4}  {user.name:<30} {user.role:<8}  created {user.created_at:%Y-%m-%d %H:%M}")
+
+
+@users_group.command("delete")
+@click.argument("name")
+def delete_user_command(name: str) -> None:
+    """Delete an account with its API keys and its predictions."""
+    _run(lambda: accounts.delete_user(name))
+    click.echo(f"deleted {name}, its API keys and its predictions")
+
+
+@users_group.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="read the password as one line of standard input")
+def set_password_command(name: str, password_stdin: bool) -> None:
+    """Set an account's password."""
+    _run(lambda: accounts.set_password(name, _password(password_stdin)))
+    click.echo(f"password of {name} changed")
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option("--user", "user_name", required=True, help="the account the key acts for")
+def create_key_command(name: str, user_name: str) -> None:
+    """Create an API key; the key is the last line of the output and is not shown again."""
+    row, key = _run(lambda: accounts.create_api_key(name, user_name))
+    click.echo(f"API key {row.id} ({row.name}) for {user_name}; store it now, it is not shown again:")
+    click.echo(key)
+
+
+@keys_group.command("list")
+def list_keys_command() -> None:
+    """List the keys (their first characters only: the keys themselves are not stored)."""
+    rows = accounts.list_api_keys()
+    if not rows:
+        click.echo("no API keys; create one with `flask --app app api-keys create NAME --user USER`")
+        return
+    for key, user_name in rows:
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+        click.echo(f"{key.id:>4}  {key.name:<24} {user_name:<20} {key.prefix}…  {state}")
+
+
+@keys_group.command("revoke")
+@click.argument("key_id", type=int)
+def revoke_key_command(key_id: int) -> None:
+    """Revoke a key by its id (see `api-keys list`); requests with it are refused at once."""
+    row = _run(lambda: accounts.revoke_api_key(key_id))
+    click.echo(f"revoked API key {row.id} ({row.name})")
+
+
+@click.command("purge-history")
+@click.option("--days", type=click.FloatRange(min=0), help="keep this many days (default: RETENTION_DAYS)")
+@with_appcontext
+def purge_history_command(days: float | None) -> None:
+    """Delete predictions (and thumbnails) older than the retention period."""
+    days = current_app.config["RETENTION_DAYS"] if days is None else days
+    removed = predictions.purge(float(days))
+    click.echo(f"deleted {removed} predictions older than {days:g} days")
+
+
+COMMANDS = (users_group, keys_group, purge_history_command)

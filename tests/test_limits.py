@@ -1,0 +1,162 @@
+"""Request limits: failed logins per address, predictions per key and per address, 429 with
+Retry-After (JSON for the API), and one limit shared by two servers through Redis."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import bearer, classify, image_bytes, login, make_key, make_user
+
+import model_store
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@pytest.fixture
+def limited_app(make_app, seed_model_file):
+    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="2 per minute", LOGIN_RATE_LIMIT="3 per minute")
+    with app.app_context():
+        model_store.init_db()
+        model_store.import_model(seed_model_file, name="seed")
+    return app
+
+
+def test_failed_logins_are_limited_per_address(limited_app):
+    runner = limited_app.test_cli_runner()
+    make_user(runner, "max")
+    client = limited_app.test_client()
+    assert login(client, "max").status_code == 302  # a successful login does not count
+    for _ in range(3):
+        assert login(client, "max", "wrong password").status_code == 401
+    held = login(client, "max")
+    assert held.status_code == 429 and int(held.headers["Retry-After"]) <= 60
+    assert "Too many requests" in held.get_data(as_text=True)
+    other_address = limited_app.test_client()
+    response = other_address.post(
+        "/login", data={"username": "max", "password": "correct horse"}, environ_base={"REMOTE_ADDR": "10.0.0.2"}
+    )
+    assert response.status_code == 302
+
+
+def test_predictions_are_limited_per_key_and_per_address(limited_app):
+    runner = limited_app.test_cli_runner()
+    make_user(runner, "max")
+    first, second = make_key(runner, "max", "a"), make_key(runner, "max", "b")
+    client = limited_app.test_client()
+    for _ in range(2):
+        assert classify(client, image_bytes(), headers=bearer(first)).status_code == 200
+    over = classify(client, image_bytes(), headers=bearer(first))
+    assert over.status_code == 429 and over.is_json and over.get_json()["error"]["code"] == "rate_limited"
+    assert 0 <= int(over.headers["Retry-After"]) <= 60
+    assert classify(client, image_bytes(), headers=bearer(second)).status_code == 200
+    anonymous = {"REMOTE_ADDR": "192.0.2.1"}
+    assert classify(client, image_bytes(), environ_base=anonymous).status_code == 200
+    assert classify(client, image_bytes(), route="/", environ_base=anonymous).status_code == 200  # one budget
+    page = classify(client, image_bytes(), route="/", environ_base=anonymous)
+    assert page.status_code == 429 and "Too many requests" in page.get_data(as_text=True)
+    assert classify(client, image_bytes(), environ_base={"REMOTE_ADDR": "192.0.2.2"}).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer")
+
+
+def _predict(url: str, key: str) -> int:
+    boundary = "limits-test"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url + "/api/v1/predict",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.fixture
+def redis_url():
+    if REDIS_SERVER is None:
+        pytest.skip("no redis-server (apt-get install redis-server; CI installs it)")
+    port = _free_port()
+    server = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(30)
+
+
+@pytest.mark.slow
+def test_one_limit_holds_across_two_servers_through_redis(app, redis_url, tmp_path):
+    """Two gunicorn servers (one worker each, so each is its own process) share the counters."""
+    runner = app.test_cli_runner()
+    make_user(runner, "max")
+    key = make_key(runner, "max")
+    urls, servers = [], []
+    for index in range(2):
+        port = _free_port()
+        env = {
+            **os.environ,
+            "INSTANCE_PATH": app.instance_path,
+            "DATABASE_URL": app.config["SQLALCHEMY_DATABASE_URI"],
+            "PORT": str(port),
+            "WEB_WORKERS": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"prometheus-{index}"),
+            "FLASK_RATELIMIT_STORAGE_URI": redis_url,
+            "FLASK_PREDICT_RATE_LIMIT": "3 per minute",
+        }
+        servers.append(
+            subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env)
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            _wait_for(url + "/healthz")
+        assert [_predict(urls[0], key), _predict(urls[1], key), _predict(urls[0], key)] == [200, 200, 200]
+        assert _predict(urls[1], key) == 429
+        assert _predict(urls[0], key) == 429
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(30)
