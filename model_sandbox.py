@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ERROR_EXIT = 2  # the child found the file unacceptable and printed why
-MEMORY_MARKERS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "SystemError: error return without exception")
+# A shared library that cannot be mapped under the address-space limit is the same failure.
+MEMORY_MARKERS = (
+    "MemoryError",
+    "bad_alloc",
+    "Cannot allocate memory",
+    "SystemError: error return without exception",
+    "failed to map segment from shared object",
+)
 
 
 @dataclass(frozen=True)
