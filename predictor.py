@@ -25,7 +25,10 @@ INPUT_SCALES = {
     "symmetric": (2 / 255.0, -1.0),  # [-1, 1]
 }
 OUTPUT_KINDS = ("logits", "probabilities")
-TTA_MODES = ("none", "flip")
+# Test-time augmentation: the views of an image the model sees, and their weights in the average
+# of logits. "flip-translate" is airbench94's level 2: the image and its mirror (weight 1/4 each),
+# and both of them shifted one pixel up-left and down-right with reflect padding (1/8 each).
+TTA_MODES = ("none", "flip", "flip-translate")
 
 
 class ImageError(ValueError):
@@ -136,6 +139,25 @@ def scale_pixels(batch: np.ndarray, input_scale: str) -> np.ndarray:
     return batch.astype(np.float32) * np.float32(multiplier) + np.float32(offset)
 
 
+def tta_views(batch: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The views of an N x H x W x C batch stacked as V*N images, and their V weights."""
+    mirrored = [batch, batch[:, :, ::-1, :]]
+    if mode == "none":
+        return batch, np.ones(1)
+    if mode == "flip":
+        return np.concatenate(mirrored), np.full(2, 0.5)
+    padded = np.pad(batch, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = batch.shape[1:3]
+    shifted = [padded[:, :height, :width], padded[:, 2 : height + 2, 2 : width + 2]]
+    views = mirrored + [view for image in shifted for view in (image, image[:, :, ::-1, :])]
+    return np.concatenate(views), np.array([0.25, 0.25, 0.125, 0.125, 0.125, 0.125])
+
+
+def average_views(outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average over views of V*N model outputs (as `tta_views` stacked them): N rows."""
+    return np.tensordot(weights, outputs.reshape(len(weights), -1, *outputs.shape[1:]), axes=1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -199,18 +221,13 @@ class Predictor:
         """Probabilities (N x classes) for a uint8 batch N x H x W x C."""
         if len(images) == 0:
             return np.zeros((0, len(self.spec.class_names)), np.float32)
-        batch = scale_pixels(images, self.spec.input_scale)
-        if self.spec.tta == "flip":
-            batch = np.concatenate([batch, batch[:, :, ::-1, :]])
+        batch, weights = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
         outputs = np.asarray(self._infer(batch), dtype=np.float64)
         if not np.isfinite(outputs).all():
             raise ModelOutputError("The model produced an invalid (non-finite) output for this image.")
         if self.spec.output_kind == "probabilities":
             outputs = np.log(np.clip(outputs, 1e-12, None))
-        if self.spec.tta == "flip":
-            half = len(images)
-            outputs = (outputs[:half] + outputs[half:]) / 2
-        return softmax(outputs).astype(np.float32)
+        return softmax(average_views(outputs, weights)).astype(np.float32)
 
 
 def to_predictions(class_names: tuple[str, ...], rows: np.ndarray) -> list[Prediction]:
