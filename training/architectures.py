@@ -103,7 +103,8 @@ def build_strong(
         return layers.Activation("gelu", name=f"gelu{index}b")(x)
 
     inputs = keras.Input(shape=input_shape)
-    # Kernel frozen (airbench); its bias is trained for the first epochs, then frozen by the optimiser.
+    # The optimiser keeps the kernel fixed (airbench) and trains the bias for the first epochs only;
+    # marking a variable non-trainable would reorder the layer's weights in the .h5 file.
     x = layers.Conv2D(24, 2, padding="valid", name="whiten")(inputs)
     x = layers.Activation("gelu", name="gelu0")(x)
     for index, width in enumerate(widths, start=1):
@@ -116,10 +117,8 @@ def build_strong(
     for layer in model.layers:
         if isinstance(layer, layers.Conv2D | layers.Dense) and layer.name != "whiten":
             layer.kernel.assign(torch_style_kernel(tuple(layer.kernel.shape), rng, dirac))
-    whiten = model.get_layer("whiten")
-    whiten.kernel.trainable = False
     if train_images is not None:
-        whiten.set_weights(list(whitening_weights(train_images)))
+        model.get_layer("whiten").set_weights(list(whitening_weights(train_images)))
     return model
 
 

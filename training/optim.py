@@ -107,5 +107,5 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> keras.optimizers.Opt
         momentum=recipe.momentum,
         l2=decay_per_step / learning_rate,
         lr_scales={"/beta": recipe.bias_scaler},
-        frozen_after={"whiten/bias": recipe.whiten_bias_epochs * steps_per_epoch},
+        frozen_after={"whiten/kernel": 0, "whiten/bias": recipe.whiten_bias_epochs * steps_per_epoch},
     )
