@@ -89,7 +89,7 @@ def calibrate_folder(
     its train/<class>/ images split, stratified and seeded, into OOD-fitting and held-out images
     (the same split train.py makes, so `--val-fraction 0.1 --seed 0` reproduces the old recipe's
     validation split); test/<class>/ images, when present, only measure."""
-    from train import read_image_folder, stratified_split
+    from training.data import read_image_folder, stratified_split
 
     class_names, splits = read_image_folder(data, spec.input_shape[0])
     missing = set(class_names) - set(spec.class_names)

@@ -27,7 +27,10 @@ INPUT_SCALES = {
     "symmetric": (2 / 255.0, -1.0),  # [-1, 1]
 }
 OUTPUT_KINDS = ("logits", "probabilities")
-TTA_MODES = ("none", "flip")
+# Test-time augmentation: the views of an image the model sees, and their weights in the average
+# of logits. "flip-translate" is airbench94's level 2: the image and its mirror (weight 1/4 each),
+# and both of them shifted one pixel up-left and down-right with reflect padding (1/8 each).
+TTA_MODES = ("none", "flip", "flip-translate")
 
 
 class ImageError(ValueError):
@@ -202,6 +205,25 @@ def scale_pixels(batch: np.ndarray, input_scale: str) -> np.ndarray:
     return batch.astype(np.float32) * np.float32(multiplier) + np.float32(offset)
 
 
+def tta_views(batch: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The views of an N x H x W x C batch stacked as V*N images, and their V weights."""
+    mirrored = [batch, batch[:, :, ::-1, :]]
+    if mode == "none":
+        return batch, np.ones(1)
+    if mode == "flip":
+        return np.concatenate(mirrored), np.full(2, 0.5)
+    padded = np.pad(batch, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = batch.shape[1:3]
+    shifted = [padded[:, :height, :width], padded[:, 2 : height + 2, 2 : width + 2]]
+    views = mirrored + [view for image in shifted for view in (image, image[:, :, ::-1, :])]
+    return np.concatenate(views), np.array([0.25, 0.25, 0.125, 0.125, 0.125, 0.125])
+
+
+def average_views(outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average over views of V*N model outputs (as `tta_views` stacked them): N rows."""
+    return np.tensordot(weights, outputs.reshape(len(weights), -1, *outputs.shape[1:]), axes=1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -262,13 +284,6 @@ class Scores:
         return Scores(self.probabilities[rows], None if self.ood_scores is None else self.ood_scores[rows])
 
 
-def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
-    """The views of a scaled batch that test-time augmentation averages."""
-    if mode == "flip":
-        return [batch, batch[:, :, ::-1, :]]
-    return [batch]
-
-
 class Predictor:
     """A loaded Keras model called through one compiled function; safe to share between threads.
 
@@ -299,14 +314,14 @@ class Predictor:
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Log-scores (N x classes: logits, or log-probabilities for a softmax model) and the
         pooled features of each feature layer, each averaged over the test-time views."""
-        views = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
-        outputs = self._infer(np.concatenate(views))
+        batch, weights = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
+        outputs = self._infer(batch)
         outputs = [np.asarray(o, dtype=np.float64) for o in (outputs if self.feature_layers else [outputs])]
         if not all(np.isfinite(o).all() for o in outputs):
             raise ModelOutputError("The model produced an invalid (non-finite) output for this image.")
         if self.spec.output_kind == "probabilities":
             outputs[0] = np.log(np.clip(outputs[0], 1e-12, None))
-        averaged = [o.reshape(len(views), len(images), -1).mean(axis=0) for o in outputs]
+        averaged = [average_views(o.reshape(len(o), -1), weights) for o in outputs]
         return averaged[0], averaged[1:]
 
     def score_arrays(self, images: np.ndarray) -> Scores:

@@ -1,125 +1,173 @@
-"""Hyper-parameter search for train.py's strong recipe, on the validation split only.
+"""Recipe search for train.py's strong architecture, on the validation split only.
 
-Trains variants of the strong architecture (train.py's own model, optimizer and schedule code)
-on the training images minus the stratified validation split, and reports validation accuracy
-with and without flip test-time augmentation. The test split is never evaluated.
+Each variant is train.py's own recipe (training/recipe.py) with some fields changed, trained with
+the shipped code (architecture, optimiser, Lookahead, augmentation, loop) on the training images
+minus a stratified 10 % validation split, for several random seeds; validation accuracy is
+reported without TTA, with flips and with flips and translations. The test split is never used.
 
-Keras runs on any backend here, so the search can use a GPU machine with JAX
-(`KERAS_BACKEND=jax`); augmentation (reflect-padded random crop, horizontal flip) is the same as
-train.py's tf.data pipeline, done in NumPy.
+Keras runs on any backend, so the search can use a GPU machine with JAX. The images are decoded
+once, then `--workers` processes share the GPU, each taking every n-th run.
 
-    KERAS_BACKEND=jax python benchmarks/recipe_search.py --data ../shared/data/cifar10-jpeg.tar.gz \
-        --variant base --variant wd=5e-3 --variant wd=5e-3,epochs=36
+    KERAS_BACKEND=jax python benchmarks/recipe_search.py --seeds 0,1,2 --workers 4 \
+        --variant full --variant "no-lookahead:lookahead=0" --out results.jsonl
+
+A variant is `name:field=value,...` over Recipe fields and the architecture options
+(bn_momentum, dirac, widths=64-256-256); `jpeg=50` re-encodes the images at that JPEG quality.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
-import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train
+from predictor import TTA_MODES, average_views, tta_views
+from training.data import DEFAULT_ARCHIVE, read_image_folder, split_arrays
+from training.recipe import AIRBENCH94
 
-BASE = {**train.ARCH_DEFAULTS["strong"], "padding": 4, "widths": train.STRONG_WIDTHS, "cutout": 0, "ema": 0.0}
+RECIPE_TYPES = {field.name: type(getattr(AIRBENCH94, field.name)) for field in fields(AIRBENCH94)}
+ARCH_OPTIONS = {
+    "bn_momentum": float,
+    "dirac": lambda v: bool(int(v)),
+    "widths": lambda v: tuple(map(int, v.split("-"))),
+}
 
 
-def parse_variant(text: str) -> dict:
-    """'wd=5e-3,epochs=36' -> the base settings with those changed ('base' changes nothing)."""
-    keys = {"wd": "weight_decay", "lr": "learning_rate", "epochs": "epochs", "batch": "batch_size", "pad": "padding"}
-    keys.update(cutout="cutout", ema="ema")
-    settings = dict(BASE)
-    for item in filter(None, text.split(",")):
-        if item == "base":
-            continue
+def parse_variant(text: str) -> tuple[str, dict, dict, int]:
+    """'name:epochs=24,bn_momentum=0.4' -> (name, recipe overrides, architecture options, jpeg)."""
+    name, _, body = text.partition(":")
+    overrides, options, jpeg = {}, {}, 0
+    for item in filter(None, body.split(",")):
         key, value = item.split("=")
-        if key == "widths":
-            settings["widths"] = tuple(int(w) for w in value.split("-"))
-        elif key == "precision":
-            settings["precision"] = value
+        if key == "jpeg":
+            jpeg = int(value)
+        elif key in ARCH_OPTIONS:
+            options[key] = ARCH_OPTIONS[key](value)
+        elif RECIPE_TYPES[key] is bool:
+            overrides[key] = bool(int(value))
         else:
-            settings[keys[key]] = type(BASE[keys[key]])(float(value))
-    return settings
+            overrides[key] = RECIPE_TYPES[key](value)
+    return name, overrides, options, jpeg
 
 
-def batches(images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int, padding: int, cutout: int, rng):
-    """Endless shuffled batches with random reflect-padded crops, flips and cutout, one-hot labels."""
-    height, width = images.shape[1:3]
-    eye = np.eye(num_classes, dtype=np.float32)
-    while True:
-        order = rng.permutation(len(images))
-        for start in range(0, len(order) - batch + 1, batch):
-            index = order[start : start + batch]
-            padded = np.pad(images[index], ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
-            windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(1, 2))
-            dy = rng.integers(0, 2 * padding + 1, batch)
-            dx = rng.integers(0, 2 * padding + 1, batch)
-            crops = windows[np.arange(batch), dy, dx].transpose(0, 2, 3, 1)
-            flip = rng.random(batch) < 0.5
-            crops[flip] = crops[flip, :, ::-1]
-            crops = crops.astype(np.float32) / 255.0
-            if cutout:
-                rows = np.arange(height)[None, :, None]
-                cols = np.arange(width)[None, None, :]
-                cy = rng.integers(0, height, batch)[:, None, None]
-                cx = rng.integers(0, width, batch)[:, None, None]
-                inside = (np.abs(rows - cy) * 2 < cutout) & (np.abs(cols - cx) * 2 < cutout)
-                crops[inside] = 0.5
-            yield crops, eye[labels[index]]
+def recompress(images: np.ndarray, quality: int) -> np.ndarray:
+    """The images re-encoded as JPEG at a quality (4:2:0, as the archive), decoded again."""
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        out[i] = np.asarray(Image.open(buffer).convert("RGB"))
+    return out
 
 
-def run(settings: dict, data: train.Dataset, seed: int) -> dict:
-    keras.utils.set_random_seed(seed)
-    keras.mixed_precision.set_global_policy(settings["precision"])
-    num_classes = len(data.class_names)
-    steps = len(data.x_train) // settings["batch_size"]
-    model = train.build_model("strong", data.x_train.shape[1:], num_classes, data.x_train, settings["widths"])
-    train.compile_model(model, "strong", settings, steps)
-    rng = np.random.default_rng(seed)
-    stream = batches(
-        data.x_train, data.y_train, num_classes, settings["batch_size"], settings["padding"], settings["cutout"], rng
+def run(cache: dict, variant: str, random_seed: int) -> dict:
+    """Train one variant with one seed; validation accuracy under each TTA mode."""
+    import keras
+
+    from training.architectures import build_model
+    from training.loop import logits_of, train_model
+
+    name, overrides, options, jpeg = parse_variant(variant)
+    recipe = AIRBENCH94.with_overrides(**overrides)
+    splits = split_arrays(
+        tuple(cache["class_names"]),
+        {"train": (cache["x_train"], cache["y_train"]), "test": (cache["x_test"], cache["y_test"])},
+        0.1,
+        random_seed,
+        "search",
+        "",
+    )
+    if jpeg:
+        splits.x_train, splits.x_val = recompress(splits.x_train, jpeg), recompress(splits.x_val, jpeg)
+    keras.utils.set_random_seed(random_seed)
+    keras.mixed_precision.set_global_policy(recipe.precision)
+    model = build_model(
+        "strong", splits.x_train.shape[1:], len(splits.class_names), splits.x_train, random_seed, **options
     )
     started = time.perf_counter()
-    model.fit(stream, steps_per_epoch=steps, epochs=settings["epochs"], verbose=0)
+    train_model(model, splits, recipe, random_seed, validate=False, log=None)
     seconds = time.perf_counter() - started
-    images = data.x_val.astype(np.float32) / 255.0
-    logits = model.predict(images, batch_size=1000, verbose=0).astype(np.float64)
-    flipped = model.predict(images[:, :, ::-1], batch_size=1000, verbose=0).astype(np.float64)
+    accuracy = {}
+    for mode in TTA_MODES:
+        views, weights = tta_views(splits.x_val, mode)
+        logits = average_views(logits_of(model, views), weights)
+        accuracy[f"val_accuracy_{mode}"] = float((logits.argmax(1) == splits.y_val).mean())
     return {
-        **settings,
-        "val_accuracy": float((logits.argmax(1) == data.y_val).mean()),
-        "val_accuracy_flip_tta": float(((logits + flipped).argmax(1) == data.y_val).mean()),
+        "variant": name,
+        "spec": variant,
+        "random_seed": random_seed,
+        **accuracy,
         "train_seconds": round(seconds, 1),
+        "recipe": recipe.as_dict(),
+        "arch_options": {key: list(v) if isinstance(v, tuple) else v for key, v in options.items()},
+        "jpeg_recompressed": jpeg or None,
+        "train_images": len(splits.x_train),
+        "val_images": len(splits.x_val),
         "backend": keras.backend.backend(),
     }
 
 
+def worker(args) -> None:
+    """Run every n-th job of the variant x seed grid (seed-major, so early lines cover all variants)."""
+    cache = dict(np.load(args.cache))
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variant]
+    index, count = map(int, args.worker.split("/"))
+    for variant, seed in jobs[index::count]:
+        line = json.dumps(run(cache, variant, seed))
+        print(line, flush=True)
+        with args.out.open("a") as handle:
+            handle.write(line + "\n")
+
+
+def launch(args) -> None:
+    """Decode the data once, then start the workers on it and wait for them."""
+    class_names, splits = read_image_folder(Path(args.data), 32)
+    with tempfile.TemporaryDirectory() as folder:
+        cache = Path(folder) / "data.npz"
+        np.savez(
+            cache,
+            class_names=np.array(class_names),
+            x_train=splits["train"][0],
+            y_train=splits["train"][1],
+            x_test=splits["test"][0],
+            y_test=splits["test"][1],
+        )
+        base = [sys.executable, __file__, "--cache", str(cache), "--out", str(args.out), "--seeds"]
+        base += [",".join(map(str, args.seeds))] + [f"--variant={v}" for v in args.variant]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / args.workers:.2f}")
+        procs = [subprocess.Popen([*base, "--worker", f"{i}/{args.workers}"], env=env) for i in range(args.workers)]
+        # A time limit stops the launcher: take the workers with it (their finished lines are kept).
+        signal.signal(signal.SIGTERM, lambda *_: [proc.terminate() for proc in procs])
+        for proc in procs:
+            proc.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(train.DEFAULT_ARCHIVE))
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help="e.g. base, wd=5e-3, epochs=36,pad=2, widths=96-384-384, precision=float32",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="append one JSON line per variant here")
+    parser.add_argument("--data", default=str(DEFAULT_ARCHIVE))
+    parser.add_argument("--variant", action="append", default=[], help="name:field=value,... (see above)")
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the device")
+    parser.add_argument("--out", type=Path, required=True, help="append one JSON line per run here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    data = train.load_dataset(args.data, 32, 0.1, args.seed)
-    for text in args.variant or ["base"]:
-        result = {"variant": text, **run(parse_variant(text), data, args.seed)}
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as handle:
-                handle.write(line + "\n")
+    args.variant = args.variant or ["full"]
+    worker(args) if args.worker else launch(args)
     return 0
 
 

@@ -1,26 +1,29 @@
-"""train.py end to end on a tiny synthetic image-folder data set, and the evaluation maths."""
+"""train.py end to end on a tiny synthetic image-folder data set, and its command line."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 import model_store
 import train
-from app import create_app
 from predictor import ModelSpec
+from training.data import stratified_split
+from training.evaluation import evaluate_predictor
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def quick_args(folder: Path, out: Path, *extra: str) -> list[str]:
-    """train.py arguments for one short epoch on the tiny data set."""
-    return ["--data", str(folder), "--epochs", "1", "--batch-size", "8", "--out", str(out), *extra]
+    """train.py arguments for one short epoch on the tiny data set (a quarter held out)."""
+    sizes = ["--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25"]
+    return ["--data", str(folder), *sizes, "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -39,36 +42,45 @@ def tiny_folder(tmp_path_factory) -> Path:
     return root
 
 
-def test_train_end_to_end_writes_model_metrics_plots_and_imports(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
-    out = tmp_path / "run"
-    assert train.main(quick_args(tiny_folder, out, "--import", "--name", "colours")) == 0
-    written = json.loads((out / "metrics.json").read_text())
-    assert written["class_names"] == ["blue", "green", "red"]
-    assert written["train_images"] + written["val_images"] == 36 and written["test_images"] == 12
-    assert written["epochs"] == 1 and written["tta"] == "flip" and len(written["history"]["loss"]) == 1
-    assert 0 <= written["test_accuracy"] <= 1 and len(written["confusion_matrix"]) == 3
-    assert written["data_sha256"] and written["inference"]["images_per_s_batch64"] > 0
-    for name in ("model.h5", "report/report.json", "report/confusion.png", "report/curves.png"):
-        assert (out / name).stat().st_size > 0
-    assert (out / "report/curves.png").read_bytes().startswith(b"\x89PNG")
+@pytest.fixture(scope="module")
+def strong_run(tiny_folder, tmp_path_factory) -> Path:
+    """One short run of the default (strong) recipe."""
+    out = tmp_path_factory.mktemp("strong")
+    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3")) == 0
+    return out
 
-    app = create_app()
-    with app.app_context():
-        row = model_store.get_active()
-        assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "flip")
-        assert row.metrics["arch"] == "strong" and row.metrics["test_accuracy"] == written["test_accuracy"]
-    response = app.test_client().get(f"/models/{row.id}")
-    assert response.status_code == 200 and "Training curves" in response.get_data(as_text=True)
-    assert app.test_client().get(f"/models/{row.id}/curves.png").data.startswith(b"\x89PNG")
+
+def test_strong_run_writes_model_metrics_and_plots(strong_run):
+    written = json.loads((strong_run / "metrics.json").read_text())
+    assert written["class_names"] == ["blue", "green", "red"]
+    assert (written["train_images"], written["val_images"], written["test_images"]) == (27, 9, 12)
+    assert written["epochs"] == 1 and written["tta"] == "flip-translate" and written["random_seed"] == 3
+    assert written["recipe"]["lookahead"] and written["recipe"]["optimizer"] == "airbench-sgd"
+    assert len(written["history"]["loss"]) == 1 and len(written["history"]["val_accuracy"]) == 1
+    assert 0 <= written["test_accuracy"] <= 1 and len(written["confusion_matrix"]) == 3
+    assert set(written["test_accuracy_other_tta"]) == {"none", "flip"}
+    assert written["inference"]["ms_one_image_p50"] > 0 and written["inference"]["tta"] == "flip-translate"
+    assert written["data_sha256"] and written["wall_time_s"] >= written["train_time_s"] > 0
+    assert written["command"].startswith("python train.py")
+    for name in ("model.h5", "report/report.json", "report/confusion.png", "report/curves.png"):
+        assert (strong_run / name).stat().st_size > 0
+
+
+def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
+    model = keras.saving.load_model(strong_run / "model.h5", compile=False, safe_mode=True)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    saved = (strong_run / "model.h5").read_bytes()
+    for training_only in (b"AirbenchSGD", b"Lookahead", b"WarmupLinearDecay", b"training."):
+        assert training_only not in saved
 
 
 def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     out = tmp_path / "seed"
     train.main(["--arch", "seed", "--data", str(tiny_folder), "--epochs", "1", "--out", str(out)])
     written = json.loads((out / "metrics.json").read_text())
-    assert written["arch"] == "seed" and written["batch_size"] == 32 and written["precision"] == "float32"
-    assert written["tta"] == "none"
+    # The seed's 1,504,266 parameters for 10 classes, less 513 for each of 7 missing output units.
+    assert written["arch"] == "seed" and written["parameters"] == 1_504_266 - 7 * 513 and written["tta"] == "none"
+    assert written["recipe"]["batch_size"] == 32 and written["recipe"]["precision"] == "float32"
     capsys.readouterr()
     train.main(["evaluate", str(out / "model.h5"), "--data", str(tiny_folder), "--out", str(tmp_path / "eval")])
     printed = capsys.readouterr().out
@@ -77,12 +89,44 @@ def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     assert report["test"]["accuracy"] == pytest.approx(written["test_accuracy"])
 
 
-def test_same_seed_gives_the_same_run(tiny_folder, tmp_path):
+def test_same_random_seed_gives_the_same_run(tiny_folder, tmp_path):
     runs = []
     for name in ("a", "b"):
-        train.main(["--arch", "seed", "--data", str(tiny_folder), "--epochs", "2", "--out", str(tmp_path / name)])
+        train.main(quick_args(tiny_folder, tmp_path / name, "--arch", "seed", "--epochs", "2"))
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text())["history"]["loss"])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-3)
+
+
+def test_recipe_flags_override_the_architectures_defaults():
+    args = train.parse_args(["--epochs", "3", "--cutout", "0", "--translate", "4", "--random-seed", "7"])
+    assert (args.epochs, args.cutout, args.translate, args.random_seed, args.val_fraction) == (3, 0, 4, 7, 0.04)
+    assert args.learning_rate is None  # left to the recipe
+
+
+def test_train_does_not_import_the_web_app():
+    code = "import sys, train; sys.exit(1 if 'app' in sys.modules or 'web' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(model_store, "open_registry"), reason="open_registry arrives with the web-layer branch")
+def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    out = tmp_path / "imported"
+    assert train.main(quick_args(tiny_folder, out, "--arch", "seed", "--import", "--name", "colours")) == 0
+    with model_store.open_registry():
+        row = model_store.get_active()
+        assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
+
+
+def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
+    out = tmp_path / "mirrored"
+    command = [sys.executable, "train.py", *quick_args(tiny_folder, out, "--arch", "seed", "--distribute", "mirrored")]
+    command += ["--logical-cpus", "2", "--verbose", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 replica(s)" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["distribute"] == "mirrored"
 
 
 class KnownPredictor:
@@ -99,7 +143,7 @@ def test_evaluation_figures_for_a_known_case():
     truth = np.array([0, 0, 1, 1, 0, 2, 2, 2])
     images = np.zeros((8, 2, 2, 3), np.uint8)
     images[:, 0, 0, 0] = predicted
-    result = train.evaluate_predictor(KnownPredictor(), images, truth)
+    result = evaluate_predictor(KnownPredictor(), images, truth)
     assert result["accuracy"] == pytest.approx(6 / 8)
     assert result["per_class_accuracy"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 2 / 3})
     assert result["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
@@ -107,35 +151,7 @@ def test_evaluation_figures_for_a_known_case():
 
 def test_stratified_split_keeps_every_class_and_is_seeded():
     labels = np.repeat(np.arange(4), 10)
-    train_idx, val_idx = train.stratified_split(labels, 0.2, seed=1)
+    train_idx, val_idx = stratified_split(labels, 0.2, random_seed=1)
     assert len(val_idx) == 8 and np.bincount(labels[val_idx]).tolist() == [2, 2, 2, 2]
     assert set(train_idx).isdisjoint(val_idx) and len(train_idx) + len(val_idx) == 40
-    assert np.array_equal(val_idx, train.stratified_split(labels, 0.2, seed=1)[1])
-
-
-def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
-    out = tmp_path / "mirrored"
-    command = [sys.executable, "train.py", *quick_args(tiny_folder, out, "--distribute", "mirrored")]
-    command += ["--logical-cpus", "2", "--verbose", "0"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 replica(s)" in result.stdout
-    written = json.loads((out / "metrics.json").read_text())
-    assert written["replicas"] == 2 and written["distribute"] == "mirrored"
-
-
-def test_cutout_greys_out_at_most_one_square():
-    import tensorflow as tf
-
-    image = tf.ones((32, 32, 3))
-    for _ in range(20):
-        grey = (train.cut_out(image, 8).numpy() == 0.5).all(axis=2)
-        rows, cols = np.nonzero(grey)
-        assert 0 < grey.sum() <= 64 and np.ptp(rows) < 8 and np.ptp(cols) < 8
-
-
-def test_cutout_and_ema_flags_train_and_are_recorded(tiny_folder, tmp_path):
-    out = tmp_path / "regularised"
-    assert train.main(quick_args(tiny_folder, out, "--cutout", "8", "--ema", "0.9")) == 0
-    written = json.loads((out / "metrics.json").read_text())
-    assert (written["cutout"], written["ema"]) == (8, 0.9) and (out / "model.h5").exists()
+    assert np.array_equal(val_idx, stratified_split(labels, 0.2, random_seed=1)[1])
