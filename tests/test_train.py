@@ -12,9 +12,12 @@ from PIL import Image
 
 import model_store
 import train
+from database import open_database
 from predictor import ModelSpec
 from training.data import stratified_split
 from training.evaluation import evaluate_predictor
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,13 +111,12 @@ def test_train_does_not_import_the_web_app():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not hasattr(model_store, "open_registry"), reason="open_registry arrives with the web-layer branch")
 def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'registry.sqlite'}")
     out = tmp_path / "imported"
     assert train.main(quick_args(tiny_folder, out, "--arch", "seed", "--import", "--name", "colours")) == 0
-    with model_store.open_registry():
+    with open_database():
         row = model_store.get_active()
         assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
 
