@@ -1,0 +1,60 @@
+"""Seconds per training step of the strong recipe on this machine, in float32 and bfloat16.
+
+Decides whether a recipe fits the hour on a given CPU before spending the hour: builds the
+strong architecture (whitening from random images), compiles it with the shipped recipe's
+optimiser, and times `train_on_batch` on a batch of the recipe's size after two warm-up steps.
+
+    python benchmarks/train_step.py [--precision float32|mixed_bfloat16] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras
+import numpy as np
+
+from training.architectures import build_model
+from training.loop import compile_for
+from training.recipe import STRONG
+
+
+def seconds_per_step(precision: str, steps: int) -> float:
+    """Mean wall time of one training step of STRONG.batch_size random images."""
+    keras.mixed_precision.set_global_policy(precision)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5000, 32, 32, 3), dtype=np.uint8)
+    model = build_model("strong", (32, 32, 3), 10, images)
+    compile_for(model, STRONG, steps_per_epoch=48)
+    x = images[: STRONG.batch_size].astype(np.float32) / 255.0
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, STRONG.batch_size)]
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    started = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    seconds = seconds_per_step(args.precision, args.steps)
+    steps_per_epoch = 48_000 // STRONG.batch_size
+    print(
+        f"{args.precision}: {seconds:.2f} s per step of {STRONG.batch_size} images; "
+        f"{seconds * steps_per_epoch / 60:.1f} min per epoch of 48,000 images"
+    )
+
+
+if __name__ == "__main__":
+    main()
