@@ -65,7 +65,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## train: retrain the shipped model with train.py's defaults (about 35 minutes on 2 CPU cores)
+## train: retrain the shipped model with train.py's defaults (the airbench94 recipe; fits the hour only on a CPU with AVX-512 BF16, see README)
 train: install
 	$(PY) train.py --out models/default --verbose 2
 
