@@ -6,7 +6,7 @@ again on PostgreSQL."""
 
 import pytest
 from flask_migrate import upgrade
-from helpers import image_bytes
+from helpers import image_bytes, login, make_user
 from sqlalchemy import text
 
 import model_store
@@ -94,6 +94,9 @@ def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_
         assert orphan_row.class_names is None
         linked_id, orphan_id = linked_row.id, orphan_row.id
     client = bare_app.test_client()
+    # Rows from before accounts belong to nobody: only an operator may mark them.
+    make_user(bare_app.test_cli_runner(), "olga", role="operator")
+    login(client, "olga")
     answer = client.post(f"/predictions/{linked_id}/feedback", data={"verdict": "wrong", "correct_class": "dog"})
     assert answer.status_code == 302
     answer = client.post(f"/predictions/{orphan_id}/feedback", data={"verdict": "wrong", "correct_class": "dog"})

@@ -7,8 +7,8 @@ import numpy as np
 from helpers import classify, image_bytes, random_image_bytes
 
 import predictions
-import train
 from database import db
+from training.data import read_image_folder
 
 
 def test_every_prediction_is_recorded_with_a_thumbnail(app, client):
@@ -111,6 +111,6 @@ def test_export_feedback_writes_a_data_set_train_reads(app, client, runner, tmp_
     assert result.exit_code == 0 and "wrote 2 images" in result.output, result.output
     assert (tmp_path / "fixes" / tops[0] / f"{ids[0]}.jpg").exists()
     assert (tmp_path / "fixes" / wrong_class / f"{ids[1]}.jpg").exists()
-    classes, splits = train.read_image_folder(tmp_path / "fixes", 32)
+    classes, splits = read_image_folder(tmp_path / "fixes", 32)
     assert set(classes) == {tops[0], wrong_class} and splits["train"][0].shape == (2, 32, 32, 3)
     assert np.asarray(splits["test"][0]).shape[0] == 0
