@@ -88,6 +88,9 @@ def make_app(tmp_path) -> Callable[..., Flask]:
     yield build
     if POSTGRES_URL and built:
         _drop_everything(built[0])
+    for app in built:  # close each app's pooled connections now, not when the collector finds them
+        with app.app_context():
+            db.engine.dispose()
 
 
 @pytest.fixture
