@@ -37,7 +37,16 @@ from training.evaluation import (
 from training.loop import train_model
 from training.recipe import Recipe
 
-RECIPE_FLAGS = ("epochs", "batch_size", "learning_rate", "weight_decay", "translate", "cutout", "precision")
+RECIPE_FLAGS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "translate",
+    "cutout",
+    "precision",
+    "jit_compile",
+)
 
 
 def make_strategy(name: str, logical_cpus: int):
@@ -240,6 +249,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-size", type=int, default=32, help="square input size for image folders")
     parser.add_argument("--precision", choices=("float32", "mixed_bfloat16"))
+    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, help="XLA-compile the training step")
     parser.add_argument("--distribute", choices=("none", "mirrored", "multiworker"), default="none")
     parser.add_argument("--logical-cpus", type=int, default=1, help="split the CPU into N logical devices")
     parser.add_argument("--out", default="instance/training/latest", help="folder for model.h5, metrics.json, report/")

@@ -47,9 +47,9 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strong_run(tiny_folder, tmp_path_factory) -> Path:
-    """One short run of the default (strong) recipe."""
+    """One short run of the default (strong) recipe, XLA-compiled as the shipped model was."""
     out = tmp_path_factory.mktemp("strong")
-    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3")) == 0
+    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3", "--jit-compile")) == 0
     return out
 
 
@@ -59,6 +59,7 @@ def test_strong_run_writes_model_metrics_and_plots(strong_run):
     assert (written["train_images"], written["val_images"], written["test_images"]) == (27, 9, 12)
     assert written["epochs"] == 1 and written["tta"] == "flip-translate" and written["random_seed"] == 3
     assert written["recipe"]["lookahead"] and written["recipe"]["optimizer"] == "airbench-sgd"
+    assert written["recipe"]["jit_compile"]
     assert len(written["history"]["loss"]) == 1 and len(written["history"]["val_accuracy"]) == 1
     assert 0 <= written["test_accuracy"] <= 1 and len(written["confusion_matrix"]) == 3
     assert set(written["test_accuracy_other_tta"]) == {"none", "flip"}

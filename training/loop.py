@@ -23,7 +23,7 @@ from training.recipe import Recipe
 def compile_for(model: keras.Model, recipe: Recipe, steps_per_epoch: int) -> keras.losses.Loss:
     """Attach the recipe's optimiser and loss (cross-entropy from logits, one-hot labels)."""
     loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing)
-    model.compile(optimizer=make_optimizer(recipe, steps_per_epoch), loss=loss)
+    model.compile(optimizer=make_optimizer(recipe, steps_per_epoch), loss=loss, jit_compile=recipe.jit_compile)
     return loss
 
 

@@ -29,6 +29,7 @@ class Recipe:
     translate: int = 0  # random translation in pixels, reflect padding
     cutout: int = 0  # side of a square set to the mean colour (0: off)
     precision: str = "float32"
+    jit_compile: bool = False  # XLA-compile the training step (faster where bfloat16 is emulated)
     tta: str = "none"  # the predictor's test-time augmentation for this model
 
     def with_overrides(self, **overrides) -> Recipe:
