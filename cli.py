@@ -136,7 +136,7 @@ def activate_command(model_id: int) -> None:
 @click.argument("model_id", type=int)
 @click.argument("path", type=click.Path(path_type=Path))
 def export_command(model_id: int, path: Path) -> None:
-    """Write a version's model file back out, byte for byte."""
+    """Write a version's stored model file (.npz, without HDF5) back out, byte for byte."""
     try:
         written = model_store.export(model_id, path)
     except ModelStoreError as exc:
@@ -262,7 +262,7 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
 
     try:
         row = model_store.get_model(model_id)
-        model = model_store.load_keras_model(model_store.rehydrate(row, current_app.config["MODEL_CACHE_DIR"]))
+        model = model_store.load_keras_model(model_store.served_file(row, current_app.config["MODEL_CACHE_DIR"]))
         record = calibrate_folder(model, spec_of(row), data, val_fraction, seed, target_accuracy)
         model_store.set_calibration(model_id, record)
     except (ModelStoreError, ValueError) as exc:

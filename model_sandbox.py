@@ -6,7 +6,11 @@ therefore checks the file's size in the parent, then opens and loads it in a chi
 limited by `resource.setrlimit` (address space and CPU seconds) that reports what it found as
 JSON: whatever happens in there, the parent (the CLI) gets a clear ModelStoreError.
 
-Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS`.
+The child also re-saves the model it loaded without HDF5 (model_files.py), and that file is
+what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
+the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
+
+Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE`.
 """
 
 from __future__ import annotations
@@ -69,13 +73,15 @@ def _h5_weight_count(path: Path) -> int:
     return total
 
 
-def describe_model_file(path: Path, filename: str, max_params: int) -> dict:
-    """Open and load a model file and describe it: format, input shape, output width and kind."""
+def describe_model_file(path: Path, filename: str, max_params: int, served_file: Path) -> dict:
+    """Open and load a model file and describe it (format, input shape, output width and kind),
+    then save the loaded model to `served_file` as a registry model file (without HDF5)."""
     import numpy as np
 
+    import model_files
     import model_store
 
-    fmt = model_store.detect_format(path.read_bytes()[:8])
+    fmt = model_store.detect_format(path.read_bytes())
     if fmt == "h5":
         try:
             stored = _h5_weight_count(path)
@@ -83,7 +89,7 @@ def describe_model_file(path: Path, filename: str, max_params: int) -> dict:
             raise SandboxError(f"{filename} is not a readable HDF5 file: {str(exc)[:200]}") from exc
         if stored > max_params:
             raise SandboxError(f"{filename} stores {stored:,} weights: the limit is {max_params:,} parameters")
-    model = model_store.load_keras_model(path)
+    model = model_store.load_keras_model(path, allow_hdf5=True)
     if model.count_params() > max_params:
         raise SandboxError(f"{filename} has {model.count_params():,} parameters: the limit is {max_params:,}")
     inputs = getattr(model, "inputs", None) or []
@@ -102,6 +108,7 @@ def describe_model_file(path: Path, filename: str, max_params: int) -> dict:
     if not np.isfinite(np.asarray(model(probe, training=False))).all():
         raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     activation = getattr(model.layers[-1], "activation", None)
+    model_files.save_model_file(model, served_file)
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],
@@ -137,9 +144,10 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
     return f"{filename}: the file could not be validated: {last}"
 
 
-def describe_in_child(path: Path, filename: str, limits: ImportLimits) -> dict:
+def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
     """`describe_model_file` in a child process under `limits`; a SandboxError says why not."""
-    command = [sys.executable, str(Path(__file__).resolve()), str(path), filename, str(limits.max_params)]
+    script = str(Path(__file__).resolve())
+    command = [sys.executable, script, str(path), filename, str(limits.max_params), str(served_file)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     try:
         result = subprocess.run(
@@ -159,11 +167,11 @@ def describe_in_child(path: Path, filename: str, limits: ImportLimits) -> dict:
 
 
 def _child(argv: list[str]) -> int:
-    path, filename, max_params = Path(argv[0]), argv[1], int(argv[2])
+    path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
     import model_store
 
     try:
-        described = describe_model_file(path, filename, max_params)
+        described = describe_model_file(path, filename, max_params, served_file)
     except (SandboxError, model_store.ModelStoreError) as exc:
         print(json.dumps({"error": str(exc)}))
         return ERROR_EXIT

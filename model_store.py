@@ -1,12 +1,14 @@
 """The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
 
-Import validates a file before anything is committed; rehydration writes the active model's
-BLOB to the instance folder under its sha256 so each process can load it.
+Import validates a file before anything is committed and stores the model as the sandbox
+re-saved it, a .keras archive without HDF5 (model_sandbox.py says why); rehydration writes the
+active model's BLOB to the instance folder under its sha256 so each process can load it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,7 +34,14 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
 from database import db
-from model_sandbox import ImportLimits, SandboxError, check_size, describe_in_child, describe_model_file
+from model_files import is_model_file, load_model_file
+from model_sandbox import (
+    ImportLimits,
+    SandboxError,
+    check_size,
+    describe_in_child,
+    describe_model_file,
+)
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
 # The import default for a 10-way model without class names: the seed's CIFAR-10 order.
@@ -43,6 +52,7 @@ FIRST_REVISION = "0001"
 # operators see them on the model card; the API and other visitors do not.
 PRIVATE_METRICS = ("command", "data_source", "data_sha256", "report_files")
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
+STORED_FORMAT = "npz"  # model_files.py: what the registry stores whatever was imported
 
 
 class ModelStoreError(Exception):
@@ -142,37 +152,47 @@ def sha256_of(data: bytes) -> str:
 
 
 def detect_format(data: bytes) -> str:
-    """'h5' or 'keras' from the file's magic bytes."""
+    """'h5', 'keras' or 'npz' (a registry model file, as `flask models export` writes it)."""
     for fmt, magic in FORMAT_MAGIC.items():
         if data.startswith(magic):
-            return fmt
-    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5) or a .keras (zip) file")
+            return STORED_FORMAT if fmt == "keras" and is_model_file(io.BytesIO(data)) else fmt
+    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .npz file")
 
 
-def load_keras_model(path: Path):
-    """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code."""
+def load_keras_model(path: Path, allow_hdf5: bool = False):
+    """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code. Anything but a
+    registry model file (.h5, .keras) is refused unless `allow_hdf5` (the import sandbox, or a
+    file of our own)."""
     import keras
 
+    stored = is_model_file(Path(path))
+    if not stored and not allow_hdf5:
+        raise ModelStoreError(f"{Path(path).name} stores its weights in HDF5, which is parsed only in the sandbox")
     try:
+        if stored:
+            return load_model_file(path)
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean "refused".
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelStoreError(f"the file does not load as a safe Keras model: {reason[:300]}") from exc
 
 
-def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None = None) -> dict:
-    """Validate model bytes within `limits` and describe them: format, input shape, output width
-    and kind. Without limits the default caps apply and the file is loaded in this process."""
+def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None = None) -> tuple[dict, bytes]:
+    """Validate model bytes within `limits`; their description (format, input shape, output
+    width and kind) and the model re-saved without HDF5. Without limits the default caps apply
+    and the file is loaded in this process."""
     limits = limits or ImportLimits(isolated=False)
     fmt = detect_format(data)
     try:
         check_size(len(data), filename, limits)
         with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / f"model.{fmt}"
+            path, served = Path(scratch) / f"model.{fmt}", Path(scratch) / f"served.{STORED_FORMAT}"
             path.write_bytes(data)
             if limits.isolated:
-                return describe_in_child(path, filename, limits)
-            return describe_model_file(path, filename, limits.max_params)
+                described = describe_in_child(path, filename, limits, served)
+            else:
+                described = describe_model_file(path, filename, limits.max_params, served)
+            return described, served.read_bytes()
     except SandboxError as exc:
         raise ModelStoreError(str(exc)) from exc
 
@@ -215,7 +235,7 @@ def import_model(
     metrics = dict(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
-    described = inspect_model_bytes(data, path.name, limits)
+    described, served = inspect_model_bytes(data, path.name, limits)
     names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ModelStoreError("class names must be unique and non-empty")
@@ -225,11 +245,11 @@ def import_model(
         )
     row = ModelVersion(
         name=name or metrics.get("name") or path.stem,
-        filename=path.name[:255],
-        format=described["format"],
-        blob=data,
-        size=len(data),
-        sha256=sha256_of(data),
+        filename=f"{path.stem[:240]}.{STORED_FORMAT}",
+        format=STORED_FORMAT,
+        blob=served,
+        size=len(served),
+        sha256=sha256_of(served),
         class_names=names,
         input_shape=described["input_shape"],
         input_scale=_check_choice(input_scale or metrics.get("input_scale", "unit"), INPUT_SCALES, "input scale"),
@@ -237,7 +257,7 @@ def import_model(
             output_kind or metrics.get("output_kind", described["output_kind"]), OUTPUT_KINDS, "output kind"
         ),
         tta=_check_choice(tta or metrics.get("tta", "none"), TTA_MODES, "test-time augmentation"),
-        metrics=metrics,
+        metrics={**metrics, "imported_from": _provenance(path.name, data, described["format"])},
         created_at=datetime.now(UTC),
     )
     with _transaction():
@@ -250,6 +270,11 @@ def import_model(
         if activate or get_active() is None:
             _set_active(row)
     return row
+
+
+def _provenance(filename: str, data: bytes, fmt: str) -> dict:
+    """What the operator imported, since the registry stores the model re-saved."""
+    return {"filename": filename, "format": fmt, "size": len(data), "sha256": sha256_of(data)}
 
 
 @contextmanager
@@ -339,7 +364,7 @@ def verify(row: ModelVersion) -> None:
 
 
 def export(model_id: int, destination: str | Path) -> Path:
-    """Write a version's file back out, byte for byte (after checking its hash)."""
+    """Write a version's stored file (.npz) back out, byte for byte (after checking its hash)."""
     row = get_model(model_id)
     verify(row)
     destination = Path(destination)
@@ -362,6 +387,25 @@ def atomic_write(destination: Path, data: bytes) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def served_file(row: ModelVersion, directory: str | Path, limits: ImportLimits | None = None) -> Path:
+    """The file a worker loads: the rehydrated BLOB, or for a version stored as imported (.h5 or
+    .keras, before imports were re-saved) a copy converted once in the sandbox, kept beside it."""
+    path = rehydrate(row, directory)
+    if is_model_file(path):
+        return path
+    converted = path.with_name(f"{row.sha256}.served.{STORED_FORMAT}")
+    if not is_model_file(converted):
+        scratch = converted.with_name(f".tmp-{os.getpid()}-{converted.name}")
+        try:
+            describe_in_child(path, row.filename, limits or ImportLimits(), scratch)
+            os.replace(scratch, converted)
+        except SandboxError as exc:
+            raise ModelStoreError(str(exc)) from exc
+        finally:
+            scratch.unlink(missing_ok=True)
+    return converted
 
 
 def rehydrate(row: ModelVersion, directory: str | Path) -> Path:

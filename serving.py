@@ -111,7 +111,7 @@ def load_version(
     row: ModelVersion, directory: Path, batching: BatchingConfig = BatchingConfig(), calibrated_at=None
 ) -> LoadedModel:
     """Rehydrate a registry row to a file, load it in safe mode, warm it up."""
-    model = model_store.load_keras_model(model_store.rehydrate(row, directory))
+    model = model_store.load_keras_model(model_store.served_file(row, directory))
     spec = spec_of(row)
     predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
     predictor.warm_up()

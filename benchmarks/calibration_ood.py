@@ -231,7 +231,7 @@ def main() -> int:
             row = model_store.import_model(args.model, metrics=metrics, activate=True)
             record = model_store.get_calibration(row.id)
             if record is None:
-                model = model_store.load_keras_model(model_store.rehydrate(row, scratch))
+                model = model_store.load_keras_model(model_store.served_file(row, scratch))
                 record = calibrate_folder(model, spec_of(row), args.data, args.val_fraction, args.seed)
                 model_store.set_calibration(row.id, record)
             calibrated_s = time.perf_counter() - started

@@ -82,7 +82,7 @@ def main() -> int:
 
     sidecar = args.model.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    model = model_store.load_keras_model(args.model)
+    model = model_store.load_keras_model(args.model, allow_hdf5=True)  # the operator's own file
     spec = ModelSpec(
         tuple(metrics.get("class_names") or model_store.CIFAR10_CLASSES),
         tuple(model.input_shape[1:]),

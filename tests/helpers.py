@@ -73,7 +73,7 @@ def force_calibration(app, confidence_threshold: float, ood_threshold: float) ->
     labels = np.arange(200) % 10
     with app.app_context():
         row = model_store.get_active()
-        model = model_store.load_keras_model(model_store.rehydrate(row, app.config["MODEL_CACHE_DIR"]))
+        model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
         record = calibrate_model(model, spec_of(row), images[:100], labels[:100], images[100:], labels[100:])
         record["confidence_threshold"] = confidence_threshold
         record["ood"]["threshold"] = ood_threshold

@@ -22,9 +22,10 @@ def test_import_list_activate_export_delete(app, runner, other_model_file, tmp_p
     assert runner.invoke(args=["models", "activate", str(other_id)]).exit_code == 0
     with app.app_context():
         assert model_store.get_active().id == other_id
-    out = tmp_path / "exported.h5"
+    out = tmp_path / "exported.npz"
     assert runner.invoke(args=["models", "export", str(other_id), str(out)]).exit_code == 0
-    assert out.read_bytes() == other_model_file.read_bytes()
+    with app.app_context():
+        assert out.read_bytes() == model_store.get_model(other_id).blob
     refused = runner.invoke(args=["models", "delete", str(other_id)])
     assert refused.exit_code == 1 and "active model" in refused.output
     seed_id = next(i for i in (1, 2) if i != other_id)

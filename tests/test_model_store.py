@@ -1,6 +1,7 @@
 """The registry: import validation in one transaction, versions, activation, export, rehydration."""
 
 import hashlib
+import zipfile
 
 import numpy as np
 import pytest
@@ -23,11 +24,16 @@ def test_seed_file_imports_with_defaults_and_predicts_correctly(app, seed_model_
 
     with app.app_context():
         row = model_store.get_active()
-        assert row.name == "seed" and row.version == 1 and row.format == "h5"
+        assert row.name == "seed" and row.version == 1 and row.format == "npz" and row.filename == "modelo.npz"
         assert row.class_names == CIFAR10
         assert (row.input_shape, row.input_scale, row.output_kind, row.tta) == ([32, 32, 3], "unit", "logits", "none")
-        assert row.size == seed_model_file.stat().st_size
-        assert row.sha256 == hashlib.sha256(seed_model_file.read_bytes()).hexdigest()
+        assert row.size == len(row.blob) and row.sha256 == hashlib.sha256(row.blob).hexdigest()
+        assert row.metrics["imported_from"] == {
+            "filename": "modelo.h5",
+            "format": "h5",
+            "size": seed_model_file.stat().st_size,
+            "sha256": hashlib.sha256(seed_model_file.read_bytes()).hexdigest(),
+        }
         loaded = load_version(row, tmp_path)
     images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     reference = keras.saving.load_model(seed_model_file, compile=False)
@@ -114,13 +120,51 @@ def test_output_width_must_match_class_names(app, seed_model_file, three_class_m
             model_store.import_model(three_class_model_file, class_names=["a", "a", "b"])
         assert snapshot() == before
         row = model_store.import_model(three_class_model_file, class_names=["cat", "dog", "cow"])
-        assert row.format == "keras" and row.class_names == ["cat", "dog", "cow"]
+        assert row.format == "npz" and row.class_names == ["cat", "dog", "cow"]
+        assert row.metrics["imported_from"]["format"] == "keras"
 
 
-def test_export_is_byte_for_byte(app, seed_model_file, tmp_path):
+def test_export_is_byte_for_byte(app, tmp_path):
     with app.app_context():
-        written = model_store.export(model_store.get_active().id, tmp_path / "out.h5")
-    assert written.read_bytes() == seed_model_file.read_bytes()
+        row = model_store.get_active()
+        written = model_store.export(row.id, tmp_path)
+        assert written.name == "modelo.npz" and written.read_bytes() == row.blob
+        again = model_store.import_model(written)  # an exported file imports as it is
+        assert again.sha256 == row.sha256 and again.metrics["imported_from"]["format"] == "npz"
+
+
+def test_the_registry_stores_the_model_without_hdf5(app, seed_model_file, tmp_path):
+    """h5py's bundled HDF5 has heap overflows on crafted files: only the sandbox may parse HDF5."""
+    import keras
+
+    with app.app_context():
+        row = model_store.get_active()
+        stored = model_store.rehydrate(row, tmp_path)
+    with zipfile.ZipFile(stored) as archive:
+        names = archive.namelist()
+    assert "config.npy" in names and len(names) == 1 + len(keras.saving.load_model(seed_model_file).get_weights())
+    assert not [name for name in names if not name.endswith(".npy")]
+    original = keras.saving.load_model(seed_model_file, compile=False)
+    resaved = model_store.load_keras_model(stored)
+    for before, after in zip(original.get_weights(), resaved.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    with pytest.raises(ModelStoreError, match="HDF5, which is parsed only in the sandbox"):
+        model_store.load_keras_model(seed_model_file)
+
+
+def test_a_version_stored_with_hdf5_is_converted_in_the_sandbox_before_serving(app, seed_model_file, tmp_path):
+    """Versions imported before the re-save keep their .h5 BLOB; workers load a converted copy."""
+    data = seed_model_file.read_bytes()
+    with app.app_context():
+        row = model_store.get_active()
+        row.blob, row.format, row.size, row.sha256 = data, "h5", len(data), hashlib.sha256(data).hexdigest()
+        db.session.commit()
+        served = model_store.served_file(row, tmp_path)
+        assert served.name == f"{row.sha256}.served.npz" and model_store.is_model_file(served)
+        loaded = load_version(row, tmp_path)
+        assert model_store.served_file(row, tmp_path).stat().st_mtime_ns == served.stat().st_mtime_ns  # converted once
+    images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert loaded.predictor.predict_arrays(images).shape == (2, 10)
 
 
 def test_delete_refuses_the_active_model(app, other_model_file):
@@ -137,7 +181,7 @@ def test_rehydrate_writes_under_sha_and_reuses_a_good_file(app, tmp_path):
     with app.app_context():
         row = model_store.get_active()
         path = model_store.rehydrate(row, tmp_path)
-        assert path.name == f"{row.sha256}.h5" and path.read_bytes() == row.blob
+        assert path.name == f"{row.sha256}.npz" and path.read_bytes() == row.blob
         stamp = path.stat().st_mtime_ns
         assert model_store.rehydrate(row, tmp_path).stat().st_mtime_ns == stamp  # reused, not rewritten
         path.write_bytes(b"damaged")
