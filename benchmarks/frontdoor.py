@@ -16,12 +16,9 @@ Every phase is bounded in time. Prints a table and writes a JSON of the figures.
 from __future__ import annotations
 
 import argparse
-import http.client
-import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,36 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-from serve import free_port, jpeg_bytes, multipart, prepare_instance, worker_pids
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deploy.frontdoor import FrontDoorSettings, serve, wait_ready  # noqa: E402
-
-HOST = "127.0.0.1"
-
-
-def call(port: int, method: str, path: str, body=b"", content_type=None, source=HOST, timeout=60):
-    """(status, seconds) of one request on a new connection from `source`."""
-    started = time.perf_counter()
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout, source_address=(source, 0))
-    try:
-        connection.request(method, path, body=body, headers={"Content-Type": content_type} if content_type else {})
-        response = connection.getresponse()
-        response.read()
-        return response.status, time.perf_counter() - started
-    except OSError:
-        return 0, time.perf_counter() - started
-    finally:
-        connection.close()
-
-
-def sixteen_bit_png(side: int = 6324) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("I;16", (side, side), 1000).save(buffer, "PNG")
-    return buffer.getvalue()
+from attacks import ROOT, call, front_door, sixteen_bit_png, slow_clients, slowloris
+from serve import jpeg_bytes, multipart, prepare_instance, worker_pids
 
 
 def memory_mb(pid: int, field: str) -> float:
@@ -68,16 +37,6 @@ def memory_mb(pid: int, field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def slowloris(port: int, count: int) -> list[socket.socket]:
-    """Connections that send part of a request line and then nothing."""
-    held = []
-    for _ in range(count):
-        sock = socket.create_connection((HOST, port), timeout=5)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: ")
-        held.append(sock)
-    return held
 
 
 def timed_healthz(port: int, times: int) -> list[float]:
@@ -152,14 +111,8 @@ def phase_attack_mix(port: int, image: bytes, png: bytes, seconds: float) -> dic
         while time.monotonic() < stop:
             if kind == "bomb":
                 status, _ = call(port, "POST", "/api/v1/predict", png, "image/png")
-            elif kind == "plot":
-                status, _ = call(port, "GET", "/models/1/curves.png")
             else:
-                held = slowloris(port, 16)
-                time.sleep(2)
-                for sock in held:
-                    sock.close()
-                continue
+                status, _ = call(port, "GET", "/models/1/curves.png")
             with lock:
                 statuses.append(status)
 
@@ -172,13 +125,14 @@ def phase_attack_mix(port: int, image: bytes, png: bytes, seconds: float) -> dic
                     latencies.append(elapsed * 1000)
             time.sleep(0.1)  # within the per-address rate
 
-    kinds = ["bomb", "bomb", "plot", "plot", "plot", "plot", "slow"]
+    kinds = ["bomb", "bomb", "plot", "plot", "plot", "plot"]
     threads = [threading.Thread(target=attacker, args=(kind,)) for kind in kinds]
     threads.append(threading.Thread(target=valid_client))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with slow_clients(port):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     latencies.sort()
     return {
         "seconds": seconds,
@@ -197,15 +151,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "frontdoor.json")
     args = parser.parse_args()
     instance = prepare_instance(args.model.resolve(), "frontdoor")
-    port = free_port()
-    settings = FrontDoorSettings(socket=str(instance / "gunicorn.sock"), port=port)
-    env = {
-        "INSTANCE_PATH": str(instance),
-        "WEB_WORKERS": "2",
-        "WEB_THREADS": "4",
-        "PROMETHEUS_MULTIPROC_DIR": str(instance / "prometheus"),
-        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
-    }
     image, png = jpeg_bytes((32, 32)), sixteen_bit_png()
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     results = {
@@ -215,9 +160,8 @@ def main() -> int:
             "python": platform.python_version(),
         }
     }
-    with serve(settings, env, instance / "logs") as (gunicorn, _nginx, _run_dir):
-        wait_ready(HOST, port, timeout=900)
-        workers = worker_pids(gunicorn.pid)
+    with front_door(instance) as (port, gunicorn_pid):
+        workers = worker_pids(gunicorn_pid)
         for _ in range(3):  # both workers warm
             call(port, "POST", "/api/v1/predict", image, "image/jpeg", source="127.0.0.4")
         results["slowloris"] = phase_slowloris(port)

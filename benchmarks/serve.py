@@ -89,6 +89,21 @@ def worker_pids(master_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def worker_memory_by_pid(master_pid: int, field: str = "Rss") -> dict[int, float]:
+    """Per worker pid, in MB, from /proc/PID/smaps_rollup: Rss (all resident pages, shared
+    libraries included), Pss (shared pages split between the processes using them) or
+    Private_Dirty."""
+    sizes = {}
+    for pid in worker_pids(master_pid):
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
+        sizes[pid] = round(kb / 1024, 1)
+    return sizes
+
+
 class Server:
     """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
 
@@ -137,18 +152,7 @@ class Server:
         return worker_pids(self.process.pid)
 
     def worker_memory_by_pid(self, field: str = "Rss") -> dict[int, float]:
-        """Per worker pid, in MB, from /proc/PID/smaps_rollup: Rss (all resident pages, shared
-        libraries included), Pss (shared pages split between the processes using them) or
-        Private_Dirty."""
-        sizes = {}
-        for pid in self.worker_pids():
-            try:
-                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            except OSError:
-                continue
-            kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
-            sizes[pid] = round(kb / 1024, 1)
-        return sizes
+        return worker_memory_by_pid(self.process.pid, field)
 
     def worker_memory_mb(self, field: str = "Rss") -> list[float]:
         return list(self.worker_memory_by_pid(field).values())

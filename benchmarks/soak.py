@@ -1,10 +1,17 @@
 """Soak and fault test against the production server: a mix of good and bad requests, a model
 activation in the middle, optionally a worker killed with SIGKILL; then `flask models check`.
 
-Prints the counts by status and error code, the answers checked against the model that gave them
-(none may be mixed or lost), and the workers' memory in the first and last quarter of the run.
+With --front-door the server is nginx before gunicorn (`make serve-proxy`) and the mix gains the
+costly inputs: 6324x6324 16-bit PNG bombs, model-card plot floods, and 16 slowloris connections
+held open all along. Each client thread has its own address on 127.0.0.0/8 (its own nginx rate
+bucket) and the app's per-address limit is raised to nginx's, so what is measured is the door.
 
-    python benchmarks/soak.py --model models/default/model.h5 [--requests 2000] [--concurrency 16] [--kill-worker]
+Prints the counts by status and error code, the answers checked against the model that gave them
+(none may be mixed or lost), the valid predictions' p50 and p99, and the workers' memory in the
+first and last quarter of the run.
+
+    python benchmarks/soak.py --model models/default/model.h5 [--requests 2000] [--concurrency 16]
+        [--kill-worker] [--front-door]
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from serve import ROOT, Server, jpeg_bytes, multipart, prepare_instance, request
+from attacks import front_door, sixteen_bit_png, slow_clients
+from serve import ROOT, Server, jpeg_bytes, multipart, prepare_instance, request, worker_memory_by_pid, worker_pids
 
 sys.path.insert(0, str(ROOT))
 
@@ -71,16 +82,13 @@ def _decode(data: bytes, loaded) -> np.ndarray:
 
 def add_second_model(instance: Path) -> None:
     """A second, different model to activate mid-run: the shipped one with its weights perturbed."""
-    import keras
-
     import model_store
     from app import create_app
 
     app = create_app()
     with app.app_context(), tempfile.TemporaryDirectory() as scratch:
         active = model_store.get_active()
-        source = model_store.rehydrate(active, Path(scratch))
-        model = keras.saving.load_model(source, compile=False)
+        model = model_store.load_keras_model(model_store.served_file(active, Path(scratch)))
         rng = np.random.default_rng(0)
         for weight in model.trainable_weights:  # not the batch-norm statistics: a variance must stay positive
             weight.assign(weight + rng.normal(0, 0.05, weight.shape).astype(weight.dtype))
@@ -89,17 +97,60 @@ def add_second_model(instance: Path) -> None:
         model_store.import_model(path, name="perturbed", metrics=dict(active.metrics))
 
 
-def send(conn: http.client.HTTPConnection, body: bytes, kind: str) -> tuple[int, bytes]:
-    """POST once; on a broken connection (a closed keep-alive, a killed worker) retry once afresh."""
+def send(conn: http.client.HTTPConnection, method: str, path: str, body: bytes, kind: str) -> tuple[int, bytes]:
+    """One request; on a broken connection (a closed keep-alive, a killed worker) retry once afresh."""
     try:
-        return request(conn.port, "POST", "/api/v1/predict", body, kind, conn)
+        return request(conn.port, method, path, body, kind, conn)
     except (OSError, http.client.HTTPException):
         conn.close()  # http.client opens a new connection on the next request
         RETRIES.append(1)
-        return request(conn.port, "POST", "/api/v1/predict", body, kind, conn)
+        return request(conn.port, method, path, body, kind, conn)
 
 
 RETRIES: list[int] = []
+PREDICT = "/api/v1/predict"
+
+
+def plan_requests(count: int, bad: list[tuple[str, bytes, str]], front: bool) -> list[tuple]:
+    """(label, valid image index or None, method, path, body, content type) for each request: 70 %
+    valid small images, the rest bad inputs, and with the front door also bombs and plot floods."""
+    rng = random.Random(0)
+    attacks = bad + ([("bomb-16bit-png", sixteen_bit_png(), "image/png")] if front else [])
+    plan = []
+    for _ in range(count):
+        if rng.random() < 0.7:
+            index = rng.randrange(len(VALID_IMAGES))
+            if rng.random() < 0.5:
+                body, kind = multipart([(f"{index}.jpg", VALID_IMAGES[index])])
+            else:
+                body, kind = VALID_IMAGES[index], "image/jpeg"
+            plan.append(("valid", index, "POST", PREDICT, body, kind))
+        elif front and rng.random() < 0.3:
+            plan.append(("plot", None, "GET", "/models/1/curves.png", b"", None))
+        else:
+            label, body, kind = rng.choice(attacks)
+            plan.append((label, None, "POST", PREDICT, body, kind))
+    return plan
+
+
+@contextmanager
+def running_server(instance: Path, front: bool) -> Iterator[tuple[int, int]]:
+    """(port, gunicorn master pid): nginx before gunicorn with the slow clients attached, or
+    gunicorn alone with the rate limits off (thousands of requests from one address)."""
+    if front:
+        with front_door(instance, {"FLASK_PREDICT_RATE_LIMIT": "600 per minute"}) as (port, pid), slow_clients(port):
+            yield port, pid
+        return
+    server = Server(instance, workers=2, threads=4, batching=False)
+    try:
+        yield server.port, server.process.pid
+    finally:
+        server.stop()
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[max(0, int(len(ordered) * share) - 1)], 1) if ordered else None
 
 
 def main() -> int:
@@ -108,88 +159,17 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--kill-worker", action="store_true", help="SIGKILL one worker a third of the way in")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/soak.json")
+    parser.add_argument("--front-door", action="store_true", help="through nginx, with bombs, plots, slow clients")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/soak.json (soak-frontdoor.json)")
     args = parser.parse_args()
+    out = args.out or ROOT / "benchmarks/results" / ("soak-frontdoor.json" if args.front_door else "soak.json")
 
-    instance = prepare_instance(args.model)
+    instance = prepare_instance(args.model, "soak-frontdoor" if args.front_door else "bench")
     add_second_model(instance)
     answers = expected_answers(instance)
-    limit = 16 * 1024 * 1024
-    bad = bad_inputs(limit)
-    rng = random.Random(0)
-    plan = []
-    for _ in range(args.requests):
-        if rng.random() < 0.7:
-            index = rng.randrange(len(VALID_IMAGES))
-            if rng.random() < 0.5:
-                body, kind = multipart([(f"{index}.jpg", VALID_IMAGES[index])])
-            else:
-                body, kind = VALID_IMAGES[index], "image/jpeg"
-            plan.append(("valid", index, body, kind))
-        else:
-            label, body, kind = rng.choice(bad)
-            plan.append((label, None, body, kind))
-
-    server = Server(instance, workers=2, threads=4, batching=False)
-    counts: collections.Counter = collections.Counter()
-    mixed, lost, rss_samples = [], [], {}
-    lock = threading.Lock()
-    cursor = iter(enumerate(plan))
-    model_ids = sorted(answers)
-
-    def on_progress(done: int) -> None:
-        if done == args.requests // 4:
-            rss_samples["first_quarter"] = server.worker_memory_by_pid()
-        if done == args.requests // 2:
-            subprocess.run(
-                [sys.executable, "-m", "flask", "--app", "app", "models", "activate", str(model_ids[-1])],
-                cwd=ROOT,
-                env={**os.environ, "INSTANCE_PATH": str(instance)},
-                check=True,
-                capture_output=True,
-            )
-        if args.kill_worker and done == args.requests // 3:
-            victim = server.worker_pids()[0]
-            os.kill(victim, signal.SIGKILL)
-            counts["killed worker pid"] = victim
-        if done == 3 * args.requests // 4:
-            rss_samples["last_quarter"] = server.worker_memory_by_pid()
-
-    def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        while True:
-            with lock:
-                item = next(cursor, None)
-            if item is None:
-                break
-            number, (label, index, body, kind) = item
-            try:
-                status, payload = send(conn, body, kind)
-            except (OSError, http.client.HTTPException) as exc:
-                with lock:
-                    lost.append((label, type(exc).__name__))
-                    on_progress(number)
-                continue
-            data = json.loads(payload) if payload.startswith(b"{") else {}
-            code = data.get("error", {}).get("code", "ok")
-            with lock:
-                counts[f"{status} {code} ({label})" if status != 200 else f"200 ok ({label})"] += 1
-                if status == 200 and label == "valid":
-                    got = data["predictions"][0]["probabilities"]
-                    want = answers[data["model"]["id"]][index]
-                    if got.keys() != want.keys() or not np.allclose(
-                        [got[n] for n in want], list(want.values()), atol=1e-4
-                    ):
-                        mixed.append((number, data["model"]["id"]))
-                on_progress(number)
-        conn.close()
-
-    threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    server.stop()
+    plan = plan_requests(args.requests, bad_inputs(16 * 1024 * 1024), args.front_door)
+    with running_server(instance, args.front_door) as (port, master_pid):
+        counts, mixed, lost, rss_samples, latencies = soak(args, plan, answers, instance, port, master_pid)
     check = subprocess.run(
         [sys.executable, "-m", "flask", "--app", "app", "models", "check"],
         cwd=ROOT,
@@ -204,6 +184,7 @@ def main() -> int:
     result = {
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "front_door": args.front_door,
         "by_status_class": dict(statuses),
         "by_status_and_code": dict(sorted((k, v) for k, v in counts.items() if k[0].isdigit())),
         "killed_worker": counts.get("killed worker pid"),
@@ -211,15 +192,86 @@ def main() -> int:
         "connection_errors_after_retry": len(lost),
         "connection_errors_by_kind": dict(collections.Counter(f"{label}: {kind}" for label, kind in lost)),
         "mixed_or_wrong_answers": len(mixed),
+        "valid_predictions": len(latencies),
+        "valid_p50_ms": percentile(latencies, 0.5),
+        "valid_p99_ms": percentile(latencies, 0.99),
         "worker_rss_mb_by_pid": rss_samples,
         "check_db_exit_code": check.returncode,
         "check_db_output": check.stdout.strip().splitlines(),
     }
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     ok = statuses.get("5xx", 0) == 0 and not mixed and check.returncode == 0
     return 0 if ok else 1
+
+
+def soak(args, plan: list[tuple], answers: dict, instance: Path, port: int, master_pid: int) -> tuple:
+    """Send the plan from `args.concurrency` clients; counts, mixed answers, lost requests, worker
+    memory samples and the valid predictions' latencies in ms."""
+    counts: collections.Counter = collections.Counter()
+    mixed, lost, latencies, rss_samples = [], [], [], {}
+    lock = threading.Lock()
+    cursor = iter(enumerate(plan))
+    model_ids = sorted(answers)
+
+    def on_progress(done: int) -> None:
+        if done == args.requests // 4:
+            rss_samples["first_quarter"] = worker_memory_by_pid(master_pid)
+        if done == args.requests // 2:
+            subprocess.run(
+                [sys.executable, "-m", "flask", "--app", "app", "models", "activate", str(model_ids[-1])],
+                cwd=ROOT,
+                env={**os.environ, "INSTANCE_PATH": str(instance)},
+                check=True,
+                capture_output=True,
+            )
+        if args.kill_worker and done == args.requests // 3:
+            victim = worker_pids(master_pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            counts["killed worker pid"] = victim
+        if done == 3 * args.requests // 4:
+            rss_samples["last_quarter"] = worker_memory_by_pid(master_pid)
+
+    def client(number: int) -> None:
+        source = (f"127.0.0.{10 + number}", 0) if args.front_door else None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=source)
+        while True:
+            with lock:
+                item = next(cursor, None)
+            if item is None:
+                break
+            sent, (label, index, method, path, body, kind) = item
+            started = time.perf_counter()
+            try:
+                status, payload = send(conn, method, path, body, kind)
+            except (OSError, http.client.HTTPException) as exc:
+                with lock:
+                    lost.append((label, type(exc).__name__))
+                    on_progress(sent)
+                continue
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            data = json.loads(payload) if payload.startswith(b"{") else {}
+            code = data.get("error", {}).get("code", "ok")
+            with lock:
+                counts[f"{status} {code} ({label})" if status != 200 else f"200 ok ({label})"] += 1
+                if status == 200 and label == "valid":
+                    latencies.append(elapsed_ms)
+                    got = data["predictions"][0]["probabilities"]
+                    want = answers[data["model"]["id"]][index]
+                    if got.keys() != want.keys() or not np.allclose(
+                        [got[n] for n in want], list(want.values()), atol=1e-4
+                    ):
+                        mixed.append((sent, data["model"]["id"]))
+                on_progress(sent)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(args.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return counts, mixed, lost, rss_samples, latencies
 
 
 if __name__ == "__main__":

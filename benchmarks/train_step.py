@@ -1,10 +1,11 @@
-"""Seconds per training step of the strong recipe on this machine, in float32 and bfloat16.
+"""Seconds per training step of the strong recipe on this machine, in float32 or bfloat16,
+with or without XLA.
 
 Decides whether a recipe fits the hour on a given CPU before spending the hour: builds the
 strong architecture (whitening from random images), compiles it with the shipped recipe's
 optimiser, and times `train_on_batch` on a batch of the recipe's size after two warm-up steps.
 
-    python benchmarks/train_step.py [--precision float32|mixed_bfloat16] [--steps 3]
+    python benchmarks/train_step.py [--precision float32|mixed_bfloat16] [--jit-compile] [--steps 3]
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from training.loop import compile_for
 from training.recipe import STRONG
 
 
-def seconds_per_step(precision: str, steps: int) -> float:
+def seconds_per_step(precision: str, jit_compile: bool, steps: int) -> float:
     """Mean wall time of one training step of STRONG.batch_size random images."""
     keras.mixed_precision.set_global_policy(precision)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5000, 32, 32, 3), dtype=np.uint8)
     model = build_model("strong", (32, 32, 3), 10, images)
-    compile_for(model, STRONG, steps_per_epoch=48)
+    compile_for(model, STRONG.with_overrides(jit_compile=jit_compile), steps_per_epoch=48)
     x = images[: STRONG.batch_size].astype(np.float32) / 255.0
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, STRONG.batch_size)]
     for _ in range(2):
@@ -46,12 +47,14 @@ def seconds_per_step(precision: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
+    parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the step (train.py --jit-compile)")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    seconds = seconds_per_step(args.precision, args.steps)
+    seconds = seconds_per_step(args.precision, args.jit_compile, args.steps)
     steps_per_epoch = 48_000 // STRONG.batch_size
     print(
-        f"{args.precision}: {seconds:.2f} s per step of {STRONG.batch_size} images; "
+        f"{args.precision}{' XLA' if args.jit_compile else ''}: {seconds:.2f} s per step of "
+        f"{STRONG.batch_size} images; "
         f"{seconds * steps_per_epoch / 60:.1f} min per epoch of 48,000 images"
     )
 
