@@ -43,9 +43,10 @@ bench: install
 soak: install
 	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --kill-worker
 
-## frontdoor-bench: costly inputs through nginx (slowloris, rate, 16-bit bombs, plots); writes benchmarks/results/frontdoor.json
+## frontdoor-bench: costly inputs through nginx (slowloris, rate, 16-bit bombs, plots), then the soak through nginx with them in its mix; writes benchmarks/results/frontdoor.json and soak-frontdoor.json
 frontdoor-bench: install
 	$(PY) benchmarks/frontdoor.py --model $(DEFAULT_MODEL)
+	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --front-door
 
 ## test: lint, then the test suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL is set
 test: lint

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chat
 
 from flask import Flask
 from PIL import Image
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import database
 import heatmap
@@ -49,6 +50,9 @@ DEFAULTS = {
     "METRICS_ALLOW_LOOPBACK": True,
     "TRUSTED_HOSTS": [],  # added to the loopback names
     "SESSION_COOKIE_SAMESITE": "Lax",
+    # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
+    # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
+    "PROXY_HOPS": 0,
     "RATELIMIT_ENABLED": True,
     "RATELIMIT_STORAGE_URI": "memory://",
     "RATELIMIT_HEADERS_ENABLED": True,
@@ -86,6 +90,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Pillow's own decompression-bomb guard, at the same limit as our header check.
     Image.MAX_IMAGE_PIXELS = int(app.config["MAX_IMAGE_PIXELS"])
 
+    hops = int(app.config["PROXY_HOPS"])
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     app.jinja_env.filters["jpeg_data_uri"] = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode()
     app.jinja_env.filters["png_data_uri"] = heatmap.data_uri

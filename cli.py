@@ -28,18 +28,6 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-def _import_limits() -> ImportLimits:
-    """The app's caps on a model file; the validation load runs in a limited child process."""
-    config = current_app.config
-    return ImportLimits(
-        max_bytes=int(config["MODEL_MAX_BYTES"]),
-        max_params=int(config["MODEL_MAX_PARAMS"]),
-        memory_bytes=int(config["MODEL_IMPORT_MEMORY_BYTES"]),
-        cpu_seconds=int(config["MODEL_IMPORT_CPU_SECONDS"]),
-        isolated=bool(config["MODEL_IMPORT_SANDBOX"]),
-    )
-
-
 def _read_metrics(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -93,7 +81,7 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
             input_scale=input_scale,
             output_kind=output_kind,
             activate=activate,
-            limits=_import_limits(),
+            limits=ImportLimits.from_config(current_app.config),
         )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
@@ -262,7 +250,11 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
 
     try:
         row = model_store.get_model(model_id)
-        model = model_store.load_keras_model(model_store.served_file(row, current_app.config["MODEL_CACHE_DIR"]))
+        model = model_store.load_keras_model(
+            model_store.served_file(
+                row, current_app.config["MODEL_CACHE_DIR"], ImportLimits.from_config(current_app.config)
+            )
+        )
         record = calibrate_folder(model, spec_of(row), data, val_fraction, seed, target_accuracy)
         model_store.set_calibration(model_id, record)
     except (ModelStoreError, ValueError) as exc:

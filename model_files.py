@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+ZIP_MAGIC = b"PK\x03\x04"
 CONFIG = "config"
 WEIGHT_PREFIX = "weight_"
 
@@ -32,15 +33,24 @@ def save_model_file(model, destination: Path) -> None:
 
 
 def is_model_file(source: Path | BinaryIO) -> bool:
-    """Whether `source` is a registry model file (a zip of `config.npy` and `weight_<n>.npy` only)."""
+    """Whether `source` is a registry model file: a zip (from its first byte, as np.load sees it)
+    of `config.npy` and `weight_<n>.npy` only, each once."""
     try:
-        with zipfile.ZipFile(source) as archive:
-            names = set(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+        if isinstance(source, Path):
+            with source.open("rb") as handle:
+                return _is_model_archive(handle)
+        return _is_model_archive(source)
+    except Exception:  # zipfile raises several types on a crafted archive; all mean "not ours"
         return False
-    weights = names - {f"{CONFIG}.npy"}
-    expected = {f"{WEIGHT_PREFIX}{index}.npy" for index in range(len(weights))}
-    return f"{CONFIG}.npy" in names and weights == expected
+
+
+def _is_model_archive(handle: BinaryIO) -> bool:
+    if handle.read(4) != ZIP_MAGIC:
+        return False
+    with zipfile.ZipFile(handle) as archive:
+        names = archive.namelist()
+    expected = {f"{CONFIG}.npy"} | {f"{WEIGHT_PREFIX}{index}.npy" for index in range(len(names) - 1)}
+    return len(set(names)) == len(names) and set(names) == expected
 
 
 def load_model_file(path: Path):
@@ -49,6 +59,8 @@ def load_model_file(path: Path):
 
     with np.load(path, allow_pickle=False) as arrays:
         config = json.loads(arrays[CONFIG].tobytes())
+        config.pop("compile_config", None)  # served models are never compiled
         model = keras.saving.deserialize_keras_object(config, safe_mode=True)
-        model.set_weights([arrays[f"{WEIGHT_PREFIX}{index}"] for index in range(len(arrays.files) - 1)])
+        count = sum(1 for name in arrays.files if name.startswith(WEIGHT_PREFIX))
+        model.set_weights([arrays[f"{WEIGHT_PREFIX}{index}"] for index in range(count)])
     return model

@@ -10,7 +10,9 @@ The child also re-saves the model it loaded without HDF5 (model_files.py), and t
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
 
-Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE`.
+Run as a script, this module is that child:
+`python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE MEMORY_BYTES CPU_SECONDS`; it sets its
+own limits first (a `preexec_fn` could deadlock when the parent is a threaded web worker).
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ class ImportLimits:
     cpu_seconds: int = 300
     isolated: bool = True
 
+    @classmethod
+    def from_config(cls, config) -> ImportLimits:
+        """The limits an app's settings give (MODEL_MAX_BYTES, MODEL_IMPORT_* ...)."""
+        return cls(
+            max_bytes=int(config["MODEL_MAX_BYTES"]),
+            max_params=int(config["MODEL_MAX_PARAMS"]),
+            memory_bytes=int(config["MODEL_IMPORT_MEMORY_BYTES"]),
+            cpu_seconds=int(config["MODEL_IMPORT_CPU_SECONDS"]),
+            isolated=bool(config["MODEL_IMPORT_SANDBOX"]),
+        )
+
 
 class SandboxError(Exception):
     """The file was refused inside the sandbox; model_store turns it into a ModelStoreError."""
@@ -78,7 +91,6 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     then save the loaded model to `served_file` as a registry model file (without HDF5)."""
     import numpy as np
 
-    import model_files
     import model_store
 
     fmt = model_store.detect_format(path.read_bytes())
@@ -108,7 +120,7 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     if not np.isfinite(np.asarray(model(probe, training=False))).all():
         raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     activation = getattr(model.layers[-1], "activation", None)
-    model_files.save_model_file(model, served_file)
+    _save_checked(model, probe, filename, served_file)
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],
@@ -117,13 +129,27 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     }
 
 
-def _limit(limits: ImportLimits):
-    def apply() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _save_checked(model, probe, filename: str, served_file: Path) -> None:
+    """Save the registry's file and load it back: it must give the loaded model's outputs."""
+    import numpy as np
 
-    return apply
+    import model_files
+
+    odd = sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind not in "biuf"})
+    if odd:
+        raise SandboxError(f"{filename}: weights of type {', '.join(odd)} cannot be stored; use float32")
+    model_files.save_model_file(model, served_file)
+    reloaded = model_files.load_model_file(served_file)
+    expected, got = np.asarray(model(probe, training=False)), np.asarray(reloaded(probe, training=False))
+    if expected.shape != got.shape or not np.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise SandboxError(f"{filename}: the model does not give the same outputs once re-saved without HDF5")
+
+
+def _apply_limits(memory_bytes: int, cpu_seconds: int) -> None:
+    """In the child, before TensorFlow or h5py is imported."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportLimits) -> str:
@@ -147,7 +173,16 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
 def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
     """`describe_model_file` in a child process under `limits`; a SandboxError says why not."""
     script = str(Path(__file__).resolve())
-    command = [sys.executable, script, str(path), filename, str(limits.max_params), str(served_file)]
+    command = [
+        sys.executable,
+        script,
+        str(path),
+        filename,
+        str(limits.max_params),
+        str(served_file),
+        str(limits.memory_bytes),
+        str(limits.cpu_seconds),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     try:
         result = subprocess.run(
@@ -156,7 +191,6 @@ def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_fi
             text=True,
             env=env,
             cwd=Path(__file__).resolve().parent,
-            preexec_fn=_limit(limits),
             timeout=limits.cpu_seconds * 4,  # wall clock: a child sleeping instead of computing
         )
     except subprocess.TimeoutExpired as exc:
@@ -168,6 +202,7 @@ def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_fi
 
 def _child(argv: list[str]) -> int:
     path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
+    _apply_limits(int(argv[4]), int(argv[5]))
     import model_store
 
     try:

@@ -1,12 +1,13 @@
 """The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
 
 Import validates a file before anything is committed and stores the model as the sandbox
-re-saved it, a .keras archive without HDF5 (model_sandbox.py says why); rehydration writes the
+re-saved it, without HDF5 (model_files.py, model_sandbox.py say why); rehydration writes the
 active model's BLOB to the instance folder under its sha256 so each process can load it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -167,7 +168,10 @@ def load_keras_model(path: Path, allow_hdf5: bool = False):
 
     stored = is_model_file(Path(path))
     if not stored and not allow_hdf5:
-        raise ModelStoreError(f"{Path(path).name} stores its weights in HDF5, which is parsed only in the sandbox")
+        raise ModelStoreError(
+            f"{Path(path).name} is not a registry model file (.npz written by the import sandbox): "
+            ".h5 and .keras files are opened only in the sandbox"
+        )
     try:
         if stored:
             return load_model_file(path)
@@ -391,21 +395,33 @@ def atomic_write(destination: Path, data: bytes) -> None:
 
 def served_file(row: ModelVersion, directory: str | Path, limits: ImportLimits | None = None) -> Path:
     """The file a worker loads: the rehydrated BLOB, or for a version stored as imported (.h5 or
-    .keras, before imports were re-saved) a copy converted once in the sandbox, kept beside it."""
+    .keras, before imports were re-saved) a copy converted once in the sandbox, kept beside it.
+    `limits` bound that sandbox (the defaults when None)."""
     path = rehydrate(row, directory)
-    if is_model_file(path):
+    if row.format == STORED_FORMAT:
         return path
     converted = path.with_name(f"{row.sha256}.served.{STORED_FORMAT}")
-    if not is_model_file(converted):
-        scratch = converted.with_name(f".tmp-{os.getpid()}-{converted.name}")
-        try:
-            describe_in_child(path, row.filename, limits or ImportLimits(), scratch)
-            os.replace(scratch, converted)
-        except SandboxError as exc:
-            raise ModelStoreError(str(exc)) from exc
-        finally:
-            scratch.unlink(missing_ok=True)
+    try:
+        # One process converts; the others wait for its file instead of converting too.
+        with path.with_name(f"{row.sha256}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not is_model_file(converted):
+                _convert(path, row.filename, limits or ImportLimits(), converted)
+    except OSError as exc:
+        raise ModelStoreError(f"cannot write the converted model file: {exc.strerror}") from exc
     return converted
+
+
+def _convert(path: Path, filename: str, limits: ImportLimits, converted: Path) -> None:
+    handle, scratch = tempfile.mkstemp(dir=converted.parent, prefix=".tmp-", suffix=f".{STORED_FORMAT}")
+    os.close(handle)
+    try:
+        describe_in_child(path, filename, limits, Path(scratch))
+        os.replace(scratch, converted)
+    except SandboxError as exc:
+        raise ModelStoreError(str(exc)) from exc
+    finally:
+        Path(scratch).unlink(missing_ok=True)
 
 
 def rehydrate(row: ModelVersion, directory: str | Path) -> Path:

@@ -54,7 +54,7 @@ def call(port: int, method: str, path: str, body=b"", content_type=None, source=
         response = connection.getresponse()
         response.read()
         return response.status, time.perf_counter() - started
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return 0, time.perf_counter() - started
     finally:
         connection.close()
@@ -68,24 +68,36 @@ def sixteen_bit_png(side: int = 6324) -> bytes:
 
 
 def slowloris(port: int, count: int) -> list[socket.socket]:
-    """Connections that send part of a request line and then nothing."""
-    held = []
-    for _ in range(count):
-        sock = socket.create_connection((HOST, port), timeout=5)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: ")
-        held.append(sock)
+    """Connections that send part of a request line and then nothing (all or none: an error
+    closes those already opened)."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            held.append(socket.create_connection((HOST, port), timeout=5))
+            held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: ")
+    except OSError:
+        for sock in held:
+            sock.close()
+        raise
     return held
 
 
 @contextmanager
-def slow_clients(port: int, count: int = 16, hold_seconds: float = 2.0) -> Iterator[None]:
+def slow_clients(port: int, count: int = 16, hold_seconds: float = 2.0) -> Iterator[list[str]]:
     """`count` slowloris connections, dropped and opened afresh every `hold_seconds`, until the
-    block ends."""
+    block ends; yields a list that collects the errors met opening them (a refused connection is
+    the server defending itself, and the run goes on)."""
     stop = threading.Event()
+    errors: list[str] = []
 
     def cycle() -> None:
         while not stop.is_set():
-            held = slowloris(port, count)
+            try:
+                held = slowloris(port, count)
+            except OSError as exc:
+                errors.append(type(exc).__name__)
+                stop.wait(0.1)
+                continue
             stop.wait(hold_seconds)
             for sock in held:
                 sock.close()
@@ -93,7 +105,7 @@ def slow_clients(port: int, count: int = 16, hold_seconds: float = 2.0) -> Itera
     thread = threading.Thread(target=cycle, daemon=True)
     thread.start()
     try:
-        yield
+        yield errors
     finally:
         stop.set()
         thread.join()

@@ -115,7 +115,8 @@ def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> It
     config = run_dir / "nginx.conf"
     config.write_text(render(settings, run_dir))
     log_dir.mkdir(parents=True, exist_ok=True)
-    gunicorn_env = {**os.environ, **env, "WEB_BIND": f"unix:{socket_path}"}
+    # nginx is the one proxy: the app takes the client's address from its X-Forwarded-For.
+    gunicorn_env = {"FLASK_PROXY_HOPS": "1", **os.environ, **env, "WEB_BIND": f"unix:{socket_path}"}
     gunicorn_command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
     nginx_command = [shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(run_dir), "-c", str(config)]
     processes: list[subprocess.Popen] = []

@@ -163,7 +163,7 @@ def test_a_model_without_convolutions_is_served_with_a_clear_no_explanation(make
 
 
 def test_a_layer_named_in_the_metadata_is_explained(make_app, seed_model_file):
-    conv = model_store.load_keras_model(seed_model_file).layers[0].name
+    conv = model_store.load_keras_model(seed_model_file, allow_hdf5=True).layers[0].name
     client = _app_with(make_app, seed_model_file, metrics={"explain_layer": conv}).test_client()
     answer = _post(client, "/api/v1/predict?explain=1", random_image_bytes(7)).get_json()
     assert answer["explanation"] == {"layer": conv}

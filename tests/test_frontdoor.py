@@ -65,6 +65,7 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
         "INSTANCE_PATH": str(instance),
         "FLASK_SQLALCHEMY_DATABASE_URI": app.config["SQLALCHEMY_DATABASE_URI"],
         "FLASK_MAX_CONTENT_LENGTH": str(1024 * 1024),
+        "FLASK_PREDICT_RATE_LIMIT": "50 per minute",
         "WEB_WORKERS": "1",
         "WEB_THREADS": "4",
         "PROMETHEUS_MULTIPROC_DIR": str(instance / "prometheus"),
@@ -95,7 +96,12 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
         time.sleep(2)  # let the bucket refill after the first prediction
         statuses = [predict(port) for _ in range(6)]
         assert 429 in statuses and statuses[0] == 200
-        assert predict(port, source="127.0.0.2") == 200
+        # The app counts that address by the X-Forwarded-For nginx sets (ProxyFix), not as the
+        # proxy: a new address starts its own app bucket of 50.
+        status, headers, _ = call(
+            port, "POST", "/api/v1/predict", image_bytes(), {"Content-Type": "image/jpeg"}, "127.0.0.2"
+        )
+        assert status == 200 and dict(headers)["X-RateLimit-Remaining"] == "49"
 
         # Slow headers: nginx drops the connection after client_header_timeout, and the
         # server keeps answering meanwhile.

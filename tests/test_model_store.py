@@ -1,6 +1,7 @@
 """The registry: import validation in one transaction, versions, activation, export, rehydration."""
 
 import hashlib
+import io
 import zipfile
 
 import numpy as np
@@ -150,6 +151,22 @@ def test_the_registry_stores_the_model_without_hdf5(app, seed_model_file, tmp_pa
         np.testing.assert_array_equal(before, after)
     with pytest.raises(ModelStoreError, match="HDF5, which is parsed only in the sandbox"):
         model_store.load_keras_model(seed_model_file)
+
+
+def test_only_a_well_formed_registry_file_is_recognised(app, seed_model_file, tmp_path):
+    with app.app_context():
+        good = model_store.rehydrate(model_store.get_active(), tmp_path).read_bytes()
+    hdf5_then_zip = tmp_path / "polyglot"
+    hdf5_then_zip.write_bytes(seed_model_file.read_bytes() + good)  # zipfile reads from the end
+    extra = tmp_path / "extra.npz"
+    extra.write_bytes(good)
+    with zipfile.ZipFile(extra, "a") as archive:
+        archive.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
+    assert model_store.is_model_file(io.BytesIO(good))
+    assert not model_store.is_model_file(hdf5_then_zip) and not model_store.is_model_file(extra)
+    assert not model_store.is_model_file(io.BytesIO(b"PK\x03\x04 not a zip"))
+    with pytest.raises(ModelStoreError, match="not a registry model file"):
+        model_store.load_keras_model(hdf5_then_zip)
 
 
 def test_a_version_stored_with_hdf5_is_converted_in_the_sandbox_before_serving(app, seed_model_file, tmp_path):
