@@ -52,7 +52,14 @@ def _private_sqlite_file(engine) -> None:
     path = engine.url.database
     if engine.dialect.name != "sqlite" or not path or path == ":memory:":
         return
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # Only a file that does not exist yet is opened here: closing any descriptor of the database
+    # file drops every POSIX lock this process holds on it, SQLite's included. A process with a
+    # connection open (a script that builds a second app) would then look closed to the others,
+    # and the next one to close would checkpoint and delete the WAL under it: a corrupt database.
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     os.chmod(path, 0o600)
 
 

@@ -4,6 +4,8 @@ trusted hosts against DNS rebinding, the referrer policy with HTTPS forms, cooki
 import io
 import re
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from helpers import classify, image_bytes
 from PIL import Image
+from sqlalchemy import text
 
 import app as app_module
 import model_store
@@ -64,6 +67,22 @@ def test_an_existing_world_readable_instance_is_made_private(make_app, tmp_path)
     database.touch(mode=0o644)
     make_app(instance="old", SQLALCHEMY_DATABASE_URI=f"sqlite:///{database}")
     assert (_mode(folder), _mode(database)) == (0o700, 0o600)
+
+
+def test_a_second_app_in_one_process_keeps_the_first_ones_sqlite_locks(make_app, tmp_path):
+    """Closing a descriptor of the database file drops the process's POSIX locks, SQLite's too:
+    another process closing its connection would then think itself the last one and delete the
+    WAL that this process's open connection still uses (a benchmark's database got corrupt so)."""
+    database = tmp_path / "shared.sqlite"
+    first = make_app(instance="first", SQLALCHEMY_DATABASE_URI=f"sqlite:///{database}")
+    with first.app_context():
+        db.session.execute(text("CREATE TABLE t (x)"))
+        db.session.commit()
+        assert db.session.execute(text("SELECT count(*) FROM t")).scalar() == 0  # a connection stays open
+        make_app(instance="second", SQLALCHEMY_DATABASE_URI=f"sqlite:///{database}")
+        other = f"import sqlite3; c = sqlite3.connect({str(database)!r}); c.execute('SELECT 1 FROM t'); c.close()"
+        subprocess.run([sys.executable, "-c", other], check=True)
+        assert Path(f"{database}-wal").exists()  # still this process's, not checkpointed away
 
 
 def test_large_uploads_stay_in_memory(app, client, monkeypatch):
