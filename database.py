@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from flask import Flask
@@ -56,10 +56,8 @@ def _private_sqlite_file(engine) -> None:
     # file drops every POSIX lock this process holds on it, SQLite's included. A process with a
     # connection open (a script that builds a second app) would then look closed to the others,
     # and the next one to close would checkpoint and delete the WAL under it: a corrupt database.
-    try:
+    with suppress(FileExistsError):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
     os.chmod(path, 0o600)
 
 

@@ -13,6 +13,7 @@ the extra outputs at load time (`with_pooled_features`), so the score costs no s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -64,14 +65,23 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     return means, np.linalg.inv(covariance)
 
 
-def mahalanobis(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Squared distance to the nearest class mean, for each row."""
+def mean_terms(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """precision @ means.T and each mean's own term mean . precision . mean: the parts of every
+    distance that do not depend on the image (worth a millisecond a request at 256 channels)."""
+    precision_means = precision @ means.T
+    return precision_means, np.einsum("dc,cd->c", precision_means, means)
+
+
+def mahalanobis(
+    features: np.ndarray, means: np.ndarray, precision: np.ndarray, terms: tuple | None = None
+) -> np.ndarray:
+    """Squared distance to the nearest class mean, for each row (`terms`: `mean_terms`, if kept)."""
     features = np.asarray(features, np.float64)
-    projected = features @ precision
+    precision_means, own_terms = terms or mean_terms(means, precision)
     distances = (
-        np.einsum("nd,nd->n", projected, features)[:, None]
-        - 2 * projected @ means.T
-        + np.einsum("cd,de,ce->c", means, precision, means)[None, :]
+        np.einsum("nd,nd->n", features @ precision, features)[:, None]
+        - 2 * features @ precision_means
+        + own_terms[None, :]
     )
     return distances.min(axis=1)
 
@@ -87,9 +97,14 @@ class OodStats:
     spread: np.ndarray  # ... and standard deviation; 0 drops the part (constant energy)
     threshold: float
 
+    @cached_property
+    def _mean_terms(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        return tuple(mean_terms(m, p) for m, p in zip(self.means, self.precisions, strict=True))
+
     def parts(self, logits: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
         """N x parts raw scores: each layer's distance, then the energy."""
-        distances = [mahalanobis(f, m, p) for f, m, p in zip(features, self.means, self.precisions, strict=True)]
+        layers = zip(features, self.means, self.precisions, self._mean_terms, strict=True)
+        distances = [mahalanobis(f, m, p, terms) for f, m, p, terms in layers]
         return np.column_stack([*distances, energy(logits)])
 
     def scores(self, logits: np.ndarray, features: list[np.ndarray]) -> np.ndarray:

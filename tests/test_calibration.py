@@ -131,3 +131,14 @@ def test_decisions_follow_the_thresholds_and_an_uncalibrated_model_is_always_con
     logits = np.array([[2.0, 0.0, -1.0]])
     np.testing.assert_allclose(plain.probabilities(logits), softmax(logits))
     np.testing.assert_allclose(calibrated.probabilities(logits), softmax(logits / 1.5))
+
+
+def test_mahalanobis_is_the_squared_distance_to_the_nearest_mean_with_or_without_kept_terms():
+    rng = np.random.default_rng(5)
+    means, features = rng.normal(size=(4, 6)), rng.normal(size=(7, 6))
+    root = rng.normal(size=(6, 6))
+    precision = root @ root.T + np.eye(6)
+    brute = np.array([min((f - m) @ precision @ (f - m) for m in means) for f in features])
+    np.testing.assert_allclose(ood.mahalanobis(features, means, precision), brute)
+    kept = ood.mean_terms(means, precision)
+    np.testing.assert_allclose(ood.mahalanobis(features, means, precision, kept), brute)
