@@ -67,7 +67,8 @@ def phase_rate(port: int, image: bytes) -> dict:
 
 def phase_bomb(port: int, workers: list[int], png: bytes) -> dict:
     before = {pid: memory_mb(pid, "VmRSS") for pid in workers}
-    answers = [call(port, "POST", "/api/v1/predict", png, "image/png") for _ in range(3)]
+    # Its own address: the rate phase just emptied 127.0.0.1's nginx bucket.
+    answers = [call(port, "POST", "/api/v1/predict", png, "image/png", source="127.0.0.5") for _ in range(3)]
     extra = max(memory_mb(pid, "VmHWM") - before[pid] for pid in workers)
     return {
         "png_bytes": len(png),
@@ -80,7 +81,9 @@ def phase_bomb(port: int, workers: list[int], png: bytes) -> dict:
 def phase_eight_by_eight(port: int, workers: list[int], png: bytes) -> dict:
     body, content_type = multipart([(f"{i}.png", png) for i in range(8)])
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: call(port, "POST", "/api/v1/predict", body, content_type), range(8)))
+        answers = list(
+            pool.map(lambda _: call(port, "POST", "/api/v1/predict", body, content_type, source="127.0.0.6"), range(8))
+        )
     return {
         "upload_bytes_each": len(body),
         "statuses": [status for status, _ in answers],
