@@ -1,8 +1,12 @@
 """Grad-CAM: where in the image a convolutional model looked when it scored a class.
 
-The gradient of the class score with respect to the last convolutional feature map, averaged
-over the map, weighs each channel; the weighted sum of the channels, negative parts dropped,
-is the heat map (Selvaraju et al., 2017). The layer is found automatically (the last layer with
+The gradient of the class score with respect to the last convolutional feature map weighs that
+map; the weighted sum over the channels, negative parts dropped, is the heat map (Selvaraju et
+al., 2017). By default each cell of each channel is weighed by its own positive gradient
+(LayerCAM, Jiang et al., 2021) rather than by the channel's mean gradient: behind a global max
+pool, as in the shipped network, only the cell each channel's maximum came from reaches the
+score, and the mean spreads that credit over the whole map (benchmarks/pointing.py: 95.8 %
+against 67.8 % on training images). The layer is found automatically (the last layer with
 a 4-D output, that is the one the head reads) unless the model's metadata names one
 (`metrics["explain_layer"]`), which settles models where the last one is not the right one.
 
@@ -19,6 +23,10 @@ import numpy as np
 from predictor import ModelSpec, scale_pixels
 
 log = logging.getLogger(__name__)
+# How the gradient weighs the feature map: "channel" is Grad-CAM (each channel by its gradient's
+# mean over the map); "cell" is LayerCAM (Jiang et al., 2021: each cell of each channel by its own
+# positive gradient), which for a max-pooled head credits only the cells the head actually read.
+WEIGHTINGS = ("channel", "cell")
 
 
 class NoExplanation(Exception):
@@ -80,11 +88,15 @@ class Explainer:
     """Grad-CAM for one loaded model: the (feature map, output) model is built once here and the
     gradient is computed in one compiled function; safe to share between threads."""
 
-    def __init__(self, model, spec: ModelSpec, layer_name: str | None = None):
+    def __init__(self, model, spec: ModelSpec, layer_name: str | None = None, weighting: str = "cell"):
         import tensorflow as tf
+
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}")
 
         layer = find_layer(model, layer_name)
         self.layer_name: str = layer.name
+        self.weighting = weighting
         self.spec = spec
         self.grid_shape: tuple[int, int] = tuple(layer.output.shape[1:3])
         features_and_output = _features_and_output(model, layer)
@@ -98,7 +110,10 @@ class Explainer:
                 if log_scores:  # a softmax output saturates; its log keeps a usable gradient
                     scores = tf.math.log(tf.maximum(scores, 1e-12))
             gradients = tape.gradient(scores, features)
-            weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+            if weighting == "channel":
+                weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+            else:
+                weights = tf.nn.relu(gradients)
             cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
             return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
 

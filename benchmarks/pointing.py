@@ -32,13 +32,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 MID_GREY = (128, 128, 128)
 
 
-def test_images(archive: Path, per_class: int) -> list[tuple[str, bytes]]:
-    """The first `per_class` test images of each class (by file name): (class, JPEG bytes)."""
+def split_images(archive: Path, split: str, per_class: int) -> list[tuple[str, bytes]]:
+    """The first `per_class` images of each class of `split` (by file name): (class, JPEG bytes)."""
     chosen: dict[str, list[tuple[str, bytes]]] = {}
     with tarfile.open(archive) as tar:
         for member in tar:
             parts = Path(member.name).parts
-            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
+            if member.isfile() and len(parts) >= 3 and parts[-3] == split:
                 chosen.setdefault(parts[-2], []).append((parts[-1], tar.extractfile(member).read()))
     return [(label, data) for label in sorted(chosen) for _, data in sorted(chosen[label])[:per_class]]
 
@@ -67,17 +67,20 @@ def drawn_map(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def main() -> int:
+    from explain import WEIGHTINGS, Explainer
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a .h5/.keras model (metrics.json beside it is read)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/cifar10-jpeg.tar.gz")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--layer", help="explain this layer instead of the one found (or named in metrics.json)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="train: for choosing a method")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, help="the Explainer's (default: its own)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pointing.json")
     args = parser.parse_args()
 
     import model_store
-    from explain import Explainer
     from predictor import ModelSpec, Predictor, decode_upload
 
     sidecar = args.model.with_name("metrics.json")
@@ -90,10 +93,11 @@ def main() -> int:
         metrics.get("output_kind", "logits"),
         metrics.get("tta", "none"),
     )
-    explainer = Explainer(model, spec, args.layer or metrics.get("explain_layer"))
+    options = {"weighting": args.weighting} if args.weighting else {}
+    explainer = Explainer(model, spec, args.layer or metrics.get("explain_layer"), **options)
     predictor = Predictor(model, spec)
 
-    samples = test_images(args.data, args.per_class)
+    samples = split_images(args.data, args.split, args.per_class)
     quadrants = np.random.default_rng(args.seed).integers(0, 4, len(samples))
     canvases = [on_canvas(data, int(q)) for (_, data), q in zip(samples, quadrants, strict=True)]
     pixels = np.stack([decode_upload(canvas, spec.image_size)[0] for canvas in canvases])
@@ -113,6 +117,8 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}",
         "model": str(args.model),
         "layer": explainer.layer_name,
+        "weighting": explainer.weighting,
+        "split": args.split,
         "grid": list(explainer.grid_shape),
         "images": len(samples),
         "canvas": list(canvas_size),

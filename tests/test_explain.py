@@ -162,6 +162,30 @@ def test_a_model_without_convolutions_is_served_with_a_clear_no_explanation(make
     assert chosen.status_code == 422 and "No explanation for this model" in chosen.text
 
 
+def test_the_map_credits_the_cells_a_max_pooled_head_read():
+    """Channel 0 reads the bright top-left pixel, channel 1 (weighed 1.5) the grey rest; a global
+    max pool passes one cell of each. Each cell weighed by its own gradient credits the bright
+    cell (1 x 1 against 1.5 x 0.5); Grad-CAM's channel means credit the grey everywhere."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(4, 4, 3))
+    features = layers.Conv2D(2, 1, name="features")(inputs)
+    logits = layers.Dense(2, use_bias=False)(layers.GlobalMaxPooling2D()(features))
+    model = keras.Model(inputs, logits)
+    kernel = np.zeros((1, 1, 3, 2), np.float32)
+    kernel[0, 0, 0] = [1.0, -1.0]
+    model.get_layer("features").set_weights([kernel, np.array([0.0, 1.0], np.float32)])
+    model.layers[-1].set_weights([np.array([[1.0, 0.0], [1.5, 0.0]], np.float32)])
+    image = np.full((1, 4, 4, 3), 128, np.uint8)
+    image[0, 0, 0] = 255
+    spec = ModelSpec(("bright", "other"), (4, 4, 3), "unit", "logits", "none")
+    by_cell = explain.Explainer(model, spec).explain(image, [0])[0]
+    by_channel = explain.Explainer(model, spec, weighting="channel").explain(image, [0])[0]
+    assert np.unravel_index(by_cell.argmax(), by_cell.shape) == (0, 0)
+    assert by_channel[0, 0] < by_channel.max()
+
+
 def test_a_layer_named_in_the_metadata_is_explained(make_app, seed_model_file):
     conv = model_store.load_keras_model(seed_model_file, allow_hdf5=True).layers[0].name
     client = _app_with(make_app, seed_model_file, metrics={"explain_layer": conv}).test_client()
