@@ -214,6 +214,11 @@ def main() -> int:
     parser.add_argument(
         "--save-calibration", type=Path, help="write the whole calibration record here (for `serve.py --calibration`)"
     )
+    parser.add_argument(
+        "--write-metrics",
+        action="store_true",
+        help="store the calibration and the per-group OOD table in the metrics.json (the model card shows both)",
+    )
     args = parser.parse_args()
 
     import calibration as cal
@@ -284,6 +289,11 @@ def main() -> int:
     report(args, record, served, rows, len(test), time.perf_counter() - started, calibrated_s)
     if args.out:
         args.out.write_text(json.dumps({"calibration": cal.summary(record), "served": served, "ood": rows}, indent=2))
+    if args.write_metrics:
+        command = "python benchmarks/calibration_ood.py " + " ".join(sys.argv[1:])
+        evaluation = {"command": command, "test_images": len(test), "groups": rows}
+        metrics.update(calibration=record, ood_evaluation=evaluation)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 

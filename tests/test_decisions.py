@@ -144,3 +144,18 @@ def test_a_model_imported_with_a_calibration_in_its_metrics_stores_it(app, seed_
         model_store.activate(row.id)
         model_store.delete(1)  # its calibration goes with it
         assert model_store.get_calibration(1) is None
+
+
+def test_the_card_shows_the_per_group_ood_table_recorded_with_the_model(app, client):
+    force_calibration(app, **FORCED["confident"])
+    groups = [
+        {"group": "noise", "images": 200, "auroc_ood": 0.999, "accepted_ood": 0.0, "auroc_top_probability": 0.921,
+         "accepted_top_probability": 0.56, "unknown_share": 1.0},
+    ]  # fmt: skip
+    with app.app_context():
+        row = model_store.get_model(1)
+        row.metrics = {**row.metrics, "ood_evaluation": {"command": "python x", "test_images": 10000, "groups": groups}}
+        model_store.db.session.commit()
+    card = client.get("/models/1").get_data(as_text=True)
+    assert "Images that are none of the classes" in card and "10,000 test images" in card
+    assert re.search(r"<td>noise</td><td>200</td><td>0.999</td><td>0.0 %</td>\s*<td>0.921</td><td>56.0 %</td>", card)
