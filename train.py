@@ -65,12 +65,12 @@ def make_strategy(name: str, logical_cpus: int):
     return tf.distribute.get_strategy()
 
 
-def to_float32(model: keras.Model, arch: str, num_classes: int) -> keras.Model:
+def to_float32(model: keras.Model, arch: str, num_classes: int, **options) -> keras.Model:
     """A float32 copy of a model trained under mixed precision, for saving and serving."""
     policy = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("float32")
     try:
-        clone = build_model(arch, model.input_shape[1:], num_classes)
+        clone = build_model(arch, model.input_shape[1:], num_classes, **options)
         clone.set_weights(model.get_weights())
     finally:
         keras.mixed_precision.set_global_policy(policy)
@@ -100,11 +100,13 @@ def _train(args) -> dict:
         flush=True,
     )
     with strategy.scope():
-        model = build_model(args.arch, splits.x_train.shape[1:], num_classes, splits.x_train, args.random_seed)
+        model = build_model(
+            args.arch, splits.x_train.shape[1:], num_classes, splits.x_train, args.random_seed, **arch_options(args)
+        )
         log = (lambda line: print(line, flush=True)) if args.verbose else None
         history = train_model(model, splits, recipe, args.random_seed, log=log)
     train_seconds = time.monotonic() - started
-    model = to_float32(model, args.arch, num_classes)
+    model = to_float32(model, args.arch, num_classes, **arch_options(args))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.h5"
@@ -127,6 +129,11 @@ def _train(args) -> dict:
     return metrics
 
 
+def arch_options(args) -> dict:
+    """The architecture's own options given on the command line (only the strong one has any)."""
+    return {"widths": args.widths} if args.widths else {}
+
+
 def _metrics(args, recipe: Recipe, splits: ImageSplits, model, spec: ModelSpec, history, train_seconds) -> dict:
     """Every figure of a run: test accuracy through the serving predictor (its TTA included),
     the held-out curve, the recipe, data provenance and inference cost."""
@@ -137,6 +144,7 @@ def _metrics(args, recipe: Recipe, splits: ImageSplits, model, spec: ModelSpec, 
     val_curve = history.get("val_accuracy", [0.0])
     return {
         "arch": args.arch,
+        "arch_options": {key: list(value) for key, value in arch_options(args).items()},
         "class_names": list(splits.class_names),
         "input_shape": list(spec.input_shape),
         "input_scale": spec.input_scale,
@@ -233,6 +241,11 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="strong")
     parser.add_argument(
         "--data", help="image-folder archive or folder (default: Keras' CIFAR-10 cache, else ../shared/data)"
+    )
+    parser.add_argument(
+        "--widths",
+        type=lambda text: tuple(int(width) for width in text.split(",")),
+        help="strong arch: channels of its three conv groups (default 64,256,256), e.g. 32,128,256",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch size, split across replicas")

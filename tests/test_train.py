@@ -78,6 +78,16 @@ def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
         assert training_only not in saved
 
 
+def test_widths_flag_builds_and_saves_the_narrower_network(tiny_folder, tmp_path):
+    # Under mixed precision the model is rebuilt in float32 before saving: with the same widths.
+    args = quick_args(tiny_folder, tmp_path, "--widths", "8,16,24", "--precision", "mixed_bfloat16")
+    assert train.main(args) == 0
+    model = keras.saving.load_model(tmp_path / "model.h5", compile=False, safe_mode=True)
+    widths = [model.get_layer(f"conv{index}b").filters for index in (1, 2, 3)]
+    assert widths == [8, 16, 24]
+    assert json.loads((tmp_path / "metrics.json").read_text())["arch_options"] == {"widths": [8, 16, 24]}
+
+
 def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     out = tmp_path / "seed"
     train.main(["--arch", "seed", "--data", str(tiny_folder), "--epochs", "1", "--out", str(out)])
