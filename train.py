@@ -213,15 +213,20 @@ def read_spec(model_path: Path, model) -> ModelSpec:
 
 
 def evaluate(args) -> dict:
-    """Evaluate a saved model on a data set's test split; print and write the report."""
+    """Evaluate a saved model on a data set's test split (or its held-out training images);
+    print and write the report."""
     model_path = Path(args.model)
     model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     spec = read_spec(model_path, model)
-    splits = load_splits(args.data, spec.input_shape[0], 0.0, 0)
+    splits = load_splits(args.data, spec.input_shape[0], args.held_out, args.random_seed)
     if splits.class_names != spec.class_names:
         raise SystemExit(f"error: the data's classes {splits.class_names} differ from the model's {spec.class_names}")
-    evaluation = evaluate_predictor(Predictor(model, spec), splits.x_test, splits.y_test)
+    images, labels = (splits.x_val, splits.y_val) if args.held_out else (splits.x_test, splits.y_test)
+    evaluation = evaluate_predictor(Predictor(model, spec), images, labels)
     print_evaluation(evaluation, spec.class_names)
+    other_modes = [mode for mode in TTA_MODES if mode != spec.tta]
+    for mode, accuracy in accuracy_by_tta(model, spec, images, labels, other_modes).items():
+        print(f"accuracy with tta {mode}: {accuracy * 100:.2f} %")
     out_dir = Path(args.out) if args.out else model_path.parent / "evaluation"
     write_report(out_dir, evaluation, spec.class_names, None)
     print(f"report written to {out_dir}")
@@ -233,6 +238,15 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="model file (.h5 or .keras); metrics.json beside it gives classes and TTA")
     parser.add_argument("--data", help="archive or folder with test/<class>/* (default: CIFAR-10)")
     parser.add_argument("--out", help="report folder (default: evaluation/ beside the model)")
+    parser.add_argument(
+        "--held-out",
+        type=float,
+        default=0.0,
+        help="evaluate on this stratified fraction of the training images instead of the test split, to compare "
+        "models on validation: held-out parts with one seed nest, so a model trained with a larger --val-fraction "
+        "never saw them",
+    )
+    parser.add_argument("--random-seed", type=int, default=0, help="the seed of the held-out split")
     return parser
 
 

@@ -78,6 +78,17 @@ def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
         assert training_only not in saved
 
 
+def test_evaluate_held_out_scores_the_runs_own_validation_images(strong_run, tiny_folder, tmp_path, capsys):
+    written = json.loads((strong_run / "metrics.json").read_text())
+    command = ["evaluate", str(strong_run / "model.h5"), "--data", str(tiny_folder), "--out", str(tmp_path)]
+    capsys.readouterr()
+    train.main([*command, "--held-out", "0.25", "--random-seed", "3"])
+    printed = capsys.readouterr().out
+    assert "on 9 images" in printed and "accuracy with tta none:" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["test"]["accuracy"] == pytest.approx(written["final_val_accuracy_tta"])
+
+
 def test_widths_flag_builds_and_saves_the_narrower_network(tiny_folder, tmp_path):
     # Under mixed precision the model is rebuilt in float32 before saving: with the same widths.
     args = quick_args(tiny_folder, tmp_path, "--widths", "8,16,24", "--precision", "mixed_bfloat16")
@@ -168,3 +179,10 @@ def test_stratified_split_keeps_every_class_and_is_seeded():
     assert len(val_idx) == 8 and np.bincount(labels[val_idx]).tolist() == [2, 2, 2, 2]
     assert set(train_idx).isdisjoint(val_idx) and len(train_idx) + len(val_idx) == 40
     assert np.array_equal(val_idx, stratified_split(labels, 0.2, random_seed=1)[1])
+
+
+def test_held_out_parts_of_one_seed_nest():
+    # train.py evaluate --held-out compares models on images none of them trained on.
+    labels = np.repeat(np.arange(10), 500)
+    smaller, larger = stratified_split(labels, 0.04, 0)[1], stratified_split(labels, 0.1, 0)[1]
+    assert len(smaller) == 200 and set(smaller) < set(larger)
