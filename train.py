@@ -25,7 +25,7 @@ import keras
 import calibrate
 from model_store import CIFAR10_CLASSES
 from predictor import TTA_MODES, ModelSpec, Predictor
-from training.architectures import ARCHITECTURES, build_model
+from training.architectures import ARCHITECTURES, build_model, parse_widths
 from training.data import ImageSplits, load_splits
 from training.evaluation import (
     accuracy_by_tta,
@@ -144,7 +144,7 @@ def _metrics(args, recipe: Recipe, splits: ImageSplits, model, spec: ModelSpec, 
     val_curve = history.get("val_accuracy", [0.0])
     return {
         "arch": args.arch,
-        "arch_options": {key: list(value) for key, value in arch_options(args).items()},
+        "arch_options": arch_options(args),
         "class_names": list(splits.class_names),
         "input_shape": list(spec.input_shape),
         "input_scale": spec.input_scale,
@@ -258,7 +258,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--widths",
-        type=lambda text: tuple(int(width) for width in text.split(",")),
+        type=parse_widths,
         help="strong arch: channels of its three conv groups (default 64,256,256), e.g. 32,128,256",
     )
     parser.add_argument("--epochs", type=int)
@@ -292,7 +292,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args = _evaluate_parser().parse_args(argv[1:])
         args.command = "evaluate"
         return args
-    args = _train_parser().parse_args(argv[1:] if argv and argv[0] == "train" else argv)
+    parser = _train_parser()
+    args = parser.parse_args(argv[1:] if argv and argv[0] == "train" else argv)
+    if args.widths and args.arch != "strong":
+        parser.error(f"--widths sets the strong network's groups; --arch {args.arch} has none")
     args.command = "train"
     return args
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import keras
 import numpy as np
 
-from training.architectures import STRONG_WIDTHS, build_model
+from training.architectures import STRONG_WIDTHS, build_model, parse_widths
 from training.loop import compile_for
 from training.recipe import STRONG
 
@@ -51,13 +51,13 @@ def main() -> None:
     parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the step (train.py --jit-compile)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=STRONG.batch_size)
-    parser.add_argument("--widths", default=",".join(map(str, STRONG_WIDTHS)), help="channels of the 3 groups")
+    parser.add_argument("--widths", type=parse_widths, default=STRONG_WIDTHS, help="channels of the 3 groups")
     args = parser.parse_args()
-    widths = tuple(int(width) for width in args.widths.split(","))
-    seconds = seconds_per_step(args.precision, args.jit_compile, args.steps, args.batch_size, widths)
+    seconds = seconds_per_step(args.precision, args.jit_compile, args.steps, args.batch_size, args.widths)
     steps_per_epoch = 48_000 // args.batch_size
+    widths = ",".join(map(str, args.widths))
     print(
-        f"{args.precision}{' XLA' if args.jit_compile else ''}, widths {args.widths}: {seconds:.2f} s per step of "
+        f"{args.precision}{' XLA' if args.jit_compile else ''}, widths {widths}: {seconds:.2f} s per step of "
         f"{args.batch_size} images ({seconds / args.batch_size * 1000:.2f} ms an image); "
         f"{seconds * steps_per_epoch / 60:.1f} min per epoch of 48,000 images"
     )

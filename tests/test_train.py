@@ -99,6 +99,21 @@ def test_widths_flag_builds_and_saves_the_narrower_network(tiny_folder, tmp_path
     assert json.loads((tmp_path / "metrics.json").read_text())["arch_options"] == {"widths": [8, 16, 24]}
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--widths", "32,128"], "three positive whole numbers"),
+        (["--widths", "32,0,256"], "three positive whole numbers"),
+        (["--widths", "a,b,c"], "three positive whole numbers"),
+        (["--arch", "seed", "--widths", "8,16,24"], "--arch seed has none"),
+    ],
+)
+def test_bad_widths_are_refused_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     out = tmp_path / "seed"
     train.main(["--arch", "seed", "--data", str(tiny_folder), "--epochs", "1", "--out", str(out)])

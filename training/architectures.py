@@ -7,6 +7,7 @@ building, so no custom initializer class reaches the saved config.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,15 @@ from training.recipe import ADAM_SEED, STRONG, Recipe
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
 STRONG_WIDTHS = (64, 256, 256)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """The strong network's group widths from the command line ("32,128,256"): three positive
+    whole numbers, else an error argparse shows as the option's message."""
+    parts = text.split(",")
+    if len(parts) != len(STRONG_WIDTHS) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected three positive whole numbers such as 32,128,256, not {text!r}")
+    return tuple(int(part) for part in parts)
 
 
 def build_seed(input_shape: tuple[int, int, int], num_classes: int, **_) -> keras.Model:
