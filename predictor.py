@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model_spec import ModelSpec
 from ood import with_pooled_features
 
 # Formats a browser photo upload can reasonably be; anything else (PDF, EPS, SVG...) is refused
@@ -229,22 +230,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the predictor needs to know about a model beyond its weights."""
-
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, int, int]  # height, width, channels
-    input_scale: str = "unit"
-    output_kind: str = "logits"
-    tta: str = "none"
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Target (width, height) for Pillow."""
-        return self.input_shape[1], self.input_shape[0]
 
 
 @dataclass

@@ -81,18 +81,13 @@ def main() -> int:
     args = parser.parse_args()
 
     import model_store
-    from predictor import ModelSpec, Predictor, decode_upload
+    from model_spec import ModelSpec
+    from predictor import Predictor, decode_upload
 
     sidecar = args.model.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     model = model_store.load_keras_model(args.model, allow_hdf5=True)  # the operator's own file
-    spec = ModelSpec(
-        tuple(metrics.get("class_names") or model_store.CIFAR10_CLASSES),
-        tuple(model.input_shape[1:]),
-        metrics.get("input_scale", "unit"),
-        metrics.get("output_kind", "logits"),
-        metrics.get("tta", "none"),
-    )
+    spec = ModelSpec.from_metrics(metrics, model.input_shape[1:])
     options = {"weighting": args.weighting} if args.weighting else {}
     explainer = Explainer(model, spec, args.layer or metrics.get("explain_layer"), **options)
     predictor = Predictor(model, spec)

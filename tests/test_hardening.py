@@ -20,6 +20,7 @@ from sqlalchemy import text, update
 import model_store
 import predictions
 from database import db
+from model_spec import CIFAR10_CLASSES
 from model_store import ModelStoreError, ModelVersion
 from predictor import softmax
 from web.extensions import model_serving
@@ -117,7 +118,7 @@ def test_animated_gif_uses_its_first_frame(client):
         response = client.post("/api/v1/predict", data=data, content_type=content_type)
         assert response.status_code == 200, response.get_data(as_text=True)
         answer = response.get_json()["predictions"][0]["probabilities"]
-        return [answer[name] for name in model_store.CIFAR10_CLASSES]
+        return [answer[name] for name in CIFAR10_CLASSES]
 
     gif = animated_gif()
     first, second = (probabilities(gif_frame_as_png(gif, index), "image/png") for index in (0, 1))
@@ -341,7 +342,7 @@ def test_activation_during_requests_answers_with_one_whole_model(app, other_mode
             body = response.get_json()
             name = body["model"]["name"]
             seen.add(name)
-            got = [body["predictions"][0]["probabilities"][c] for c in model_store.CIFAR10_CLASSES]
+            got = [body["predictions"][0]["probabilities"][c] for c in CIFAR10_CLASSES]
             np.testing.assert_allclose(got, expected[name][index], atol=1e-5)
     finally:
         stop.set()
@@ -380,7 +381,7 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
 
     model = keras.saving.load_model(_nan_model_file(tmp_path / "nan.h5"), compile=False)
     with pytest.raises(ModelOutputError):
-        Predictor(model, ModelSpec(tuple(model_store.CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
+        Predictor(model, ModelSpec(tuple(CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
             np.zeros((1, 32, 32, 3), np.uint8)
         )
     with app.app_context():
