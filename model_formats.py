@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from app_errors import AppError
 from model_files import is_model_file, load_model_file
 
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
 STORED_FORMAT = "npz"  # model_files.py: what the registry stores whatever was imported
 
 
-class ModelStoreError(Exception):
+class ModelStoreError(AppError):
     """A registry operation that cannot be done; the message says why."""
 
     code = "registry"

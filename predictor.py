@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app_errors import AppError
 from model_spec import ModelSpec
 from ood import with_pooled_features
 
@@ -34,16 +35,13 @@ OUTPUT_KINDS = ("logits", "probabilities")
 TTA_MODES = ("none", "flip", "flip-translate")
 
 
-class ImageError(ValueError):
+class ImageError(AppError, ValueError):
     """An upload that cannot be turned into model input; `code` says why (the web edge maps it to a status)."""
 
-    def __init__(self, message: str, code: str = "bad_image"):
-        super().__init__(message)
-        self.message = message
-        self.code = code
+    code = "bad_image"
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(AppError, RuntimeError):
     """The model answered with NaN or infinity: a fault of the model, not of the upload."""
 
     code = "model_output"
