@@ -34,6 +34,7 @@ MEMORY_MARKERS = (
     "Cannot allocate memory",
     "SystemError: error return without exception",
     "failed to map segment from shared object",
+    "OpenBLAS error: Memory allocation still failed",  # numpy's BLAS starting under the limit
 )
 
 
