@@ -141,3 +141,22 @@ def test_training_imports_no_web_framework_in_a_fresh_interpreter():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "", "loaded by training: " + result.stdout
+
+
+def calls_by_module(method: str) -> dict[str, set[str]]:
+    """Own module -> the receivers of its `X.method(...)` calls (`csrf` for csrf.init_app(app))."""
+    found: dict[str, set[str]] = {}
+    for module, path in own_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method:
+                found.setdefault(module, set()).add(ast.unparse(node.func.value))
+    return found
+
+
+def test_extensions_are_bound_in_web_extensions_and_blueprints_registered_by_the_factory():
+    extensions = {"db", "migrate", "csrf", "limiter", "login_manager", "model_serving"}
+    binding = {module: receivers & extensions for module, receivers in calls_by_module("init_app").items()}
+    assert binding.pop("web.extensions", set()) >= {"csrf", "limiter", "login_manager", "model_serving"}
+    assert binding.pop("database", set()) == {"db", "migrate"}  # database.init_app, which web.extensions calls
+    assert {module: receivers for module, receivers in binding.items() if receivers} == {}
+    assert calls_by_module("register_blueprint") == {"app": {"app"}}
