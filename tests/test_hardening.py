@@ -2,9 +2,7 @@
 
 import io
 import itertools
-import struct
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,21 +18,11 @@ from sqlalchemy import text, update
 import model_store
 import predictions
 from database import db
+from hostile_files import huge_png, truncated
 from model_spec import CIFAR10_CLASSES
 from model_store import ModelStoreError, ModelVersion
 from predictor import softmax
 from web.extensions import model_serving
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def huge_png(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A PNG that claims 50,000 x 50,000 pixels in a few KB (a decompression bomb)."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    rows = zlib.compress(b"\x00" * (width * 3 + 1) * 2, 9)
-    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def animated_gif() -> bytes:
@@ -52,12 +40,6 @@ def gif_frame_as_png(gif: bytes, index: int) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def truncated(fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((128, 128), 50).convert("RGB").save(buffer, fmt)
-    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
 HOSTILE_FILES = {

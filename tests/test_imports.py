@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,11 +104,9 @@ def test_benchmarks_do_not_import_tests_and_docs_import_neither():
     tests = {"tests"} | {path.stem for path in (ROOT / "tests").glob("*.py")}
     benchmarks = {"benchmarks"} | {path.stem for path in (ROOT / "benchmarks").glob("*.py")}
     assert "serve" in script_imports("benchmarks")["benchmarks/soak.py"]  # the scan sees bare names
-    wrong = {script: names & tests for script, names in script_imports("benchmarks").items() if names & tests}
-    wrong |= {
-        script: names & benchmarks for script, names in script_imports("docs").items() if names & (benchmarks | tests)
-    }
-    assert not wrong
+    wrong = {script: names & tests for script, names in script_imports("benchmarks").items()}
+    wrong |= {script: names & (benchmarks | tests) for script, names in script_imports("docs").items()}
+    assert {script: names for script, names in wrong.items() if names} == {}
 
 
 def test_no_script_edits_sys_path():
@@ -160,3 +159,9 @@ def test_extensions_are_bound_in_web_extensions_and_blueprints_registered_by_the
     assert binding.pop("database", set()) == {"db", "migrate"}  # database.init_app, which web.extensions calls
     assert {module: receivers for module, receivers in binding.items() if receivers} == {}
     assert calls_by_module("register_blueprint") == {"app": {"app"}}
+
+
+def test_the_installed_project_lists_every_top_level_module_and_package():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = {*setuptools["py-modules"], *setuptools["packages"]}
+    assert listed == {name for name in own_modules() if "." not in name}
