@@ -17,7 +17,7 @@ from flask_login import current_user, login_user, logout_user
 
 import accounts
 from accounts import Viewer
-from web.errors import WebError
+from web.errors import STATUS_BY_CODE, WebError
 from web.extensions import login_manager
 from web.limits import login_limit
 
@@ -126,7 +126,8 @@ def login():
         return render_template("login.html")
     user = accounts.authenticate(request.form.get("username", ""), request.form.get("password", ""))
     if user is None:
-        return render_template("login.html", error="Unknown user name or wrong password."), 401
+        page = render_template("login.html", error="Unknown user name or wrong password.")
+        return page, STATUS_BY_CODE["unauthorized"]
     session.clear()  # no session state carries over a change of who is logged in
     login_user(user)
     flash(f"Logged in as {user.name}.")
