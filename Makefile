@@ -9,10 +9,12 @@ DEFAULT_MODEL := models/default/model.h5
 
 .PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench soak frontdoor-bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project itself goes in editable (pyproject.toml): scripts import its modules from anywhere.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,6 +17,7 @@ from sqlalchemy import DateTime, ForeignKey, Integer, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from app_errors import AppError
 from database import db
 
 ROLES = ("operator", "member")
@@ -26,7 +27,7 @@ MIN_PASSWORD_LENGTH = 8
 _DUMMY_HASH = generate_password_hash("not a password of anyone")
 
 
-class AccountError(Exception):
+class AccountError(AppError):
     """An account or key operation that cannot be done; the message says why."""
 
     code = "bad_account"

@@ -21,8 +21,7 @@ from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, errors, ops, pages, privacy
-from web.extensions import csrf, limiter, model_serving
+from web import api, auth, errors, extensions, ops, pages, privacy
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -96,14 +95,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     app.jinja_env.filters["jpeg_data_uri"] = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode()
     app.jinja_env.filters["png_data_uri"] = heatmap.data_uri
-    database.init_app(app)
-    csrf.init_app(app)
-    limiter.init_app(app)
     auth.init_app(app)
+    extensions.init_app(app)
     privacy.init_app(app)
-    model_serving.init_app(app)
     monitoring.init_app(app)
-    for blueprint in (pages.bp, api.bp, ops.bp):
+    for blueprint in (auth.bp, pages.bp, api.bp, ops.bp):
         app.register_blueprint(blueprint)
     errors.init_app(app, api.API_PREFIX)
     app.after_request(_security_headers)

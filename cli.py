@@ -17,7 +17,7 @@ from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
-from predictor import ImageError
+from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
 from serving import Upload, classify, clean_filename, spec_of
 from web.extensions import model_serving
 
@@ -53,8 +53,8 @@ def init_db_command() -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", help="registry name (default: from metrics.json, else the file name)")
 @click.option("--classes", help="comma-separated class names in output order (default: metrics.json, else CIFAR-10)")
-@click.option("--input-scale", type=click.Choice(["unit", "raw", "symmetric"]), help="pixel scaling the model expects")
-@click.option("--output-kind", type=click.Choice(["logits", "probabilities"]), help="what the last layer gives")
+@click.option("--input-scale", type=click.Choice(list(INPUT_SCALES)), help="pixel scaling the model expects")
+@click.option("--output-kind", type=click.Choice(OUTPUT_KINDS), help="what the last layer gives")
 @click.option(
     "--metrics",
     "metrics_path",

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app_errors import AppError
 from predictor import ModelSpec, scale_pixels
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,11 @@ log = logging.getLogger(__name__)
 WEIGHTINGS = ("channel", "cell")
 
 
-class NoExplanation(Exception):
+class NoExplanation(AppError):
     """No map can be drawn: the model cannot be explained with Grad-CAM (`no_explanation`), or the
     class asked for is not one of its classes (`unknown_class`); the message says why."""
 
-    def __init__(self, message: str, code: str = "no_explanation"):
-        super().__init__(message)
-        self.message, self.code = message, code
+    code = "no_explanation"
 
 
 def _is_feature_map(layer) -> bool:

@@ -34,6 +34,7 @@ MEMORY_MARKERS = (
     "Cannot allocate memory",
     "SystemError: error return without exception",
     "failed to map segment from shared object",
+    "OpenBLAS error: Memory allocation still failed",  # numpy's BLAS starting under the limit
 )
 
 
@@ -91,9 +92,9 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     then save the loaded model to `served_file` as a registry model file (without HDF5)."""
     import numpy as np
 
-    import model_store
+    import model_formats
 
-    fmt = model_store.detect_format(path.read_bytes())
+    fmt = model_formats.detect_format(path.read_bytes())
     if fmt == "h5":
         try:
             stored = _h5_weight_count(path)
@@ -101,7 +102,7 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
             raise SandboxError(f"{filename} is not a readable HDF5 file: {str(exc)[:200]}") from exc
         if stored > max_params:
             raise SandboxError(f"{filename} stores {stored:,} weights: the limit is {max_params:,} parameters")
-    model = model_store.load_keras_model(path, allow_hdf5=True)
+    model = model_formats.load_keras_model(path, allow_hdf5=True)
     if model.count_params() > max_params:
         raise SandboxError(f"{filename} has {model.count_params():,} parameters: the limit is {max_params:,}")
     inputs = getattr(model, "inputs", None) or []
@@ -203,11 +204,11 @@ def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_fi
 def _child(argv: list[str]) -> int:
     path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
     _apply_limits(int(argv[4]), int(argv[5]))
-    import model_store
+    from model_formats import ModelStoreError
 
     try:
         described = describe_model_file(path, filename, max_params, served_file)
-    except (SandboxError, model_store.ModelStoreError) as exc:
+    except (SandboxError, ModelStoreError) as exc:
         print(json.dumps({"error": str(exc)}))
         return ERROR_EXIT
     print(json.dumps(described))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -35,7 +34,9 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
 from database import db
-from model_files import is_model_file, load_model_file
+from model_files import is_model_file
+from model_formats import STORED_FORMAT, ModelStoreError, detect_format
+from model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
 from model_sandbox import (
     ImportLimits,
     SandboxError,
@@ -43,23 +44,13 @@ from model_sandbox import (
     describe_in_child,
     describe_model_file,
 )
+from model_spec import SETTING_DEFAULTS, ModelSpec
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
-# The import default for a 10-way model without class names: the seed's CIFAR-10 order.
-# Serving always reads the names stored with each model, never this list.
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FIRST_REVISION = "0001"
 # Metrics that say where and how a model was trained (paths and the command on the build machine):
 # operators see them on the model card; the API and other visitors do not.
 PRIVATE_METRICS = ("command", "data_source", "data_sha256", "report_files")
-FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
-STORED_FORMAT = "npz"  # model_files.py: what the registry stores whatever was imported
-
-
-class ModelStoreError(Exception):
-    """A registry operation that cannot be done; the message says why."""
-
-    code = "registry"
 
 
 class ModelNotFound(ModelStoreError):
@@ -94,9 +85,9 @@ class ModelVersion(db.Model):
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     class_names: Mapped[list] = mapped_column(JSON, nullable=False)
     input_shape: Mapped[list] = mapped_column(JSON, nullable=False)
-    input_scale: Mapped[str] = mapped_column(String(20), nullable=False, default="unit")
-    output_kind: Mapped[str] = mapped_column(String(20), nullable=False, default="logits")
-    tta: Mapped[str] = mapped_column(String(20), nullable=False, default="none")
+    input_scale: Mapped[str] = mapped_column(String(20), nullable=False, default=SETTING_DEFAULTS["input_scale"])
+    output_kind: Mapped[str] = mapped_column(String(20), nullable=False, default=SETTING_DEFAULTS["output_kind"])
+    tta: Mapped[str] = mapped_column(String(20), nullable=False, default=SETTING_DEFAULTS["tta"])
     metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
@@ -150,35 +141,6 @@ def init_db() -> None:
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def detect_format(data: bytes) -> str:
-    """'h5', 'keras' or 'npz' (a registry model file, as `flask models export` writes it)."""
-    for fmt, magic in FORMAT_MAGIC.items():
-        if data.startswith(magic):
-            return STORED_FORMAT if fmt == "keras" and is_model_file(io.BytesIO(data)) else fmt
-    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .npz file")
-
-
-def load_keras_model(path: Path, allow_hdf5: bool = False):
-    """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code. Anything but a
-    registry model file (.h5, .keras) is refused unless `allow_hdf5` (the import sandbox, or a
-    file of our own)."""
-    import keras
-
-    stored = is_model_file(Path(path))
-    if not stored and not allow_hdf5:
-        raise ModelStoreError(
-            f"{Path(path).name} is not a registry model file (.npz written by the import sandbox): "
-            ".h5 and .keras files are opened only in the sandbox"
-        )
-    try:
-        if stored:
-            return load_model_file(path)
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a bad file; all mean "refused".
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelStoreError(f"the file does not load as a safe Keras model: {reason[:300]}") from exc
 
 
 def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None = None) -> tuple[dict, bytes]:
@@ -240,7 +202,16 @@ def import_model(
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
     described, served = inspect_model_bytes(data, path.name, limits)
-    names = list(class_names or metrics.get("class_names") or CIFAR10_CLASSES)
+    # What the file says of its output comes after what the caller and the metrics say.
+    spec = ModelSpec.from_metrics(
+        {"output_kind": described["output_kind"], **metrics},
+        described["input_shape"],
+        class_names=class_names,
+        input_scale=input_scale,
+        output_kind=output_kind,
+        tta=tta,
+    )
+    names = list(spec.class_names)
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ModelStoreError("class names must be unique and non-empty")
     if described["output_width"] != len(names):
@@ -256,11 +227,9 @@ def import_model(
         sha256=sha256_of(served),
         class_names=names,
         input_shape=described["input_shape"],
-        input_scale=_check_choice(input_scale or metrics.get("input_scale", "unit"), INPUT_SCALES, "input scale"),
-        output_kind=_check_choice(
-            output_kind or metrics.get("output_kind", described["output_kind"]), OUTPUT_KINDS, "output kind"
-        ),
-        tta=_check_choice(tta or metrics.get("tta", "none"), TTA_MODES, "test-time augmentation"),
+        input_scale=_check_choice(spec.input_scale, INPUT_SCALES, "input scale"),
+        output_kind=_check_choice(spec.output_kind, OUTPUT_KINDS, "output kind"),
+        tta=_check_choice(spec.tta, TTA_MODES, "test-time augmentation"),
         metrics={**metrics, "imported_from": _provenance(path.name, data, described["format"])},
         created_at=datetime.now(UTC),
     )

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from accounts import Viewer
+from app_errors import AppError
 from database import db
 from serving import ClassifiedImage
 
@@ -41,7 +42,7 @@ from serving import ClassifiedImage
 VERDICTS = ("right", "wrong", "none")
 
 
-class HistoryError(Exception):
+class HistoryError(AppError):
     """A history operation that cannot be done; the message says why."""
 
     code = "bad_feedback"

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app_errors import AppError
+from model_spec import ModelSpec
 from ood import with_pooled_features
 
 # Formats a browser photo upload can reasonably be; anything else (PDF, EPS, SVG...) is refused
@@ -33,16 +35,13 @@ OUTPUT_KINDS = ("logits", "probabilities")
 TTA_MODES = ("none", "flip", "flip-translate")
 
 
-class ImageError(ValueError):
+class ImageError(AppError, ValueError):
     """An upload that cannot be turned into model input; `code` says why (the web edge maps it to a status)."""
 
-    def __init__(self, message: str, code: str = "bad_image"):
-        super().__init__(message)
-        self.message = message
-        self.code = code
+    code = "bad_image"
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(AppError, RuntimeError):
     """The model answered with NaN or infinity: a fault of the model, not of the upload."""
 
     code = "model_output"
@@ -229,22 +228,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the predictor needs to know about a model beyond its weights."""
-
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, int, int]  # height, width, channels
-    input_scale: str = "unit"
-    output_kind: str = "logits"
-    tta: str = "none"
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Target (width, height) for Pillow."""
-        return self.input_shape[1], self.input_shape[0]
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 import keras
 
 import calibrate
-from model_store import CIFAR10_CLASSES
-from predictor import TTA_MODES, ModelSpec, Predictor
+from model_spec import ModelSpec
+from predictor import TTA_MODES, Predictor
 from training.architectures import ARCHITECTURES, build_model, parse_widths
 from training.data import ImageSplits, load_splits
 from training.evaluation import (
@@ -111,7 +111,7 @@ def _train(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.h5"
     model.save(model_path, include_optimizer=False)
-    spec = ModelSpec(splits.class_names, tuple(splits.x_train.shape[1:]), "unit", "logits", recipe.tta)
+    spec = ModelSpec(splits.class_names, tuple(splits.x_train.shape[1:]), tta=recipe.tta)
     metrics = _metrics(args, recipe, splits, model, spec, history, train_seconds)
     if len(splits.x_val):
         # Temperature, "not sure" threshold and OOD statistics from the held-out split only;
@@ -203,13 +203,7 @@ def read_spec(model_path: Path, model) -> ModelSpec:
     """The serving spec of a model file: its metrics.json beside it, else the seed's defaults."""
     sidecar = model_path.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-    return ModelSpec(
-        tuple(metrics.get("class_names", CIFAR10_CLASSES)),
-        tuple(int(v) for v in model.input_shape[1:]),
-        metrics.get("input_scale", "unit"),
-        metrics.get("output_kind", "logits"),
-        metrics.get("tta", "none"),
-    )
+    return ModelSpec.from_metrics(metrics, model.input_shape[1:])
 
 
 def evaluate(args) -> dict:

@@ -8,7 +8,6 @@ import http.client
 import io
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,12 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
-from serve import free_port
+
+from deploy.frontdoor import FrontDoorSettings, serve, wait_ready
+from devserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deploy.frontdoor import FrontDoorSettings, serve, wait_ready  # noqa: E402
 
 HOST = "127.0.0.1"
 

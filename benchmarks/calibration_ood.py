@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from training.data import DEFAULT_ARCHIVE
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CROPS_PER_PHOTO = 8
 SKIMAGE_PHOTOS = (
     "astronaut", "camera", "coffee", "coins", "moon", "page", "brick", "grass", "gravel",
@@ -205,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "model.h5")
     parser.add_argument("--metrics", type=Path, help="metrics.json (default: beside the model)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 image-folder archive")
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 image-folder archive")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of train/ (if calibrating)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split (if calibrating)")
     parser.add_argument("--recalibrate", action="store_true", help="calibrate even if metrics.json has one")

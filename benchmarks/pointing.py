@@ -7,7 +7,7 @@ how often the brightest pixel of the drawn map lies in the quadrant that holds t
 is 25 %; the target for the shipped model is 80 %.
 
     python benchmarks/pointing.py --model models/default/model.h5 [--per-class 100] [--layer NAME]
-        [--data ../shared/data/cifar10-jpeg.tar.gz] [--out benchmarks/results/pointing.json]
+        [--data ARCHIVE] [--out benchmarks/results/pointing.json]
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.data import DEFAULT_ARCHIVE
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MID_GREY = (128, 128, 128)
@@ -71,7 +72,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a .h5/.keras model (metrics.json beside it is read)")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--layer", help="explain this layer instead of the one found (or named in metrics.json)")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,18 +82,13 @@ def main() -> int:
     args = parser.parse_args()
 
     import model_store
-    from predictor import ModelSpec, Predictor, decode_upload
+    from model_spec import ModelSpec
+    from predictor import Predictor, decode_upload
 
     sidecar = args.model.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     model = model_store.load_keras_model(args.model, allow_hdf5=True)  # the operator's own file
-    spec = ModelSpec(
-        tuple(metrics.get("class_names") or model_store.CIFAR10_CLASSES),
-        tuple(model.input_shape[1:]),
-        metrics.get("input_scale", "unit"),
-        metrics.get("output_kind", "logits"),
-        metrics.get("tta", "none"),
-    )
+    spec = ModelSpec.from_metrics(metrics, model.input_shape[1:])
     options = {"weighting": args.weighting} if args.weighting else {}
     explainer = Explainer(model, spec, args.layer or metrics.get("explain_layer"), **options)
     predictor = Predictor(model, spec)

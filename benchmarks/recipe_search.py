@@ -31,8 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from predictor import TTA_MODES, average_views, tta_views
 from training.data import DEFAULT_ARCHIVE, read_image_folder, split_arrays
 from training.recipe import AIRBENCH94

@@ -29,9 +29,7 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,18 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from devserver import Server, prepare_instance, request
+
 ROOT = Path(__file__).resolve().parent.parent
 # Servers started for each state in phase 7: one server's p50 varies by a millisecond or two from
 # the next one's, as much as calibration costs, so the median of several is compared.
 CALIBRATION_ROUNDS = 3
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def jpeg_bytes(size: tuple[int, int], seed: int = 0, quality: int = 90) -> bytes:
@@ -78,109 +71,6 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-def worker_pids(master_pid: int) -> list[int]:
-    """A gunicorn master's children, from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return sorted(pids)
-
-
-def worker_memory_by_pid(master_pid: int, field: str = "Rss") -> dict[int, float]:
-    """Per worker pid, in MB, from /proc/PID/smaps_rollup: Rss (all resident pages, shared
-    libraries included), Pss (shared pages split between the processes using them) or
-    Private_Dirty."""
-    sizes = {}
-    for pid in worker_pids(master_pid):
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
-        sizes[pid] = round(kb / 1024, 1)
-    return sizes
-
-
-class Server:
-    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
-
-    def __init__(self, instance: Path, workers: int, threads: int, batching: bool):
-        self.port = free_port()
-        env = dict(os.environ)
-        env.update(
-            INSTANCE_PATH=str(instance),
-            PORT=str(self.port),
-            WEB_WORKERS=str(workers),
-            WEB_THREADS=str(threads),
-            FLASK_BATCHING_ENABLED="true" if batching else "false",
-            # Thousands of requests from one address would meet the per-address limit: measured
-            # here is serving, so the limits are off.
-            FLASK_RATELIMIT_ENABLED="false",
-            PROMETHEUS_MULTIPROC_DIR=str(instance / "prometheus"),
-            MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"),
-        )
-        started = time.perf_counter()
-        # A file, not a pipe: an unread pipe fills up and then blocks the workers' logging.
-        self.log_path = instance / f"gunicorn-{self.port}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.startup_s = self._wait_ready(started)
-
-    def _wait_ready(self, started: float, timeout: float = 300) -> float:
-        while time.perf_counter() - started < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError("gunicorn exited: " + self.log_path.read_text(errors="replace")[-2000:])
-            try:
-                status, _ = request(self.port, "GET", "/healthz")
-                if status == 200:
-                    return time.perf_counter() - started
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("gunicorn did not become ready")
-
-    def worker_pids(self) -> list[int]:
-        return worker_pids(self.process.pid)
-
-    def worker_memory_by_pid(self, field: str = "Rss") -> dict[int, float]:
-        return worker_memory_by_pid(self.process.pid, field)
-
-    def worker_memory_mb(self, field: str = "Rss") -> list[float]:
-        return list(self.worker_memory_by_pid(field).values())
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
-def request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    content_type: str | None = None,
-    connection: http.client.HTTPConnection | None = None,
-):
-    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": content_type} if content_type else {}
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    if connection is None:
-        conn.close()
-    return response.status, data
 
 
 def load(
@@ -274,21 +164,6 @@ def decode_times_ms(photo: bytes) -> dict[str, float]:
             runs.append(time.perf_counter() - started)
         times[name] = round(1000 * statistics.median(runs), 3)
     return times
-
-
-def prepare_instance(model_path: Path, name: str = "bench") -> Path:
-    instance = Path(tempfile.mkdtemp(prefix="bench-instance-"))
-    os.environ["INSTANCE_PATH"] = str(instance)
-    import model_store
-    from app import create_app
-
-    app = create_app()
-    with app.app_context():
-        model_store.init_db()
-        sidecar = model_path.with_name("metrics.json")
-        metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-        model_store.import_model(model_path, name=name, metrics=metrics, activate=True)
-    return instance
 
 
 def calibration_cost(model_path: Path, instance: Path, record_path: Path | None, body: bytes, seconds: float) -> dict:

@@ -35,18 +35,18 @@ from pathlib import Path
 
 import numpy as np
 from attacks import front_door, sixteen_bit_png, slow_clients
-from serve import ROOT, Server, jpeg_bytes, multipart, prepare_instance, request, worker_memory_by_pid, worker_pids
+from serve import jpeg_bytes, multipart
 
-sys.path.insert(0, str(ROOT))
+from devserver import Server, prepare_instance, request, worker_memory_by_pid, worker_pids
+from hostile_files import huge_png, truncated
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VALID_IMAGES = [jpeg_bytes((32, 32), seed=i) for i in range(8)]
 
 
 def bad_inputs(limit_bytes: int) -> list[tuple[str, bytes, str]]:
     """(label, body, content type) of requests that must get a 4xx."""
-    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's hostile files, and the helpers they use
-    from test_hardening import huge_png, truncated
-
     junk = bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8))
     return [
         ("random-bytes", junk, "image/jpeg"),

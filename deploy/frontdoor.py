@@ -134,7 +134,6 @@ def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> It
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
     from app import create_app
 
     app = create_app()

@@ -1,6 +1,6 @@
 """Make the README's screenshot: the shipped model classifying CIFAR-10 test images in Chromium.
 
-    python docs/make_screenshot.py [--model models/default/model.h5] [--data ../shared/data/cifar10-jpeg.tar.gz]
+    python docs/make_screenshot.py [--model models/default/model.h5] [--data ARCHIVE]
 
 Starts the production server on a free port with a temporary instance folder, uploads a ship and
 a cat from the test split through the page, and saves docs/screenshot.png.
@@ -14,13 +14,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from devserver import CHROMIUM, CHROMIUM_FLAGS, Server, prepare_instance
+from training.data import DEFAULT_ARCHIVE
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
-
-from serve import Server, prepare_instance  # noqa: E402
-
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
 
 
 def test_images(archive: Path, names: list[str], folder: Path) -> list[Path]:
@@ -37,7 +34,7 @@ def test_images(archive: Path, names: list[str], folder: Path) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models/default/model.h5")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/screenshot.png")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright

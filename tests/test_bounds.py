@@ -12,6 +12,7 @@ from sqlalchemy import text
 import model_store
 import predictions
 from database import db
+from model_spec import CIFAR10_CLASSES
 
 HUGE = "99999999999999999999"
 
@@ -90,7 +91,7 @@ def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_
         db.session.commit()
         model_store.init_db()
         linked_row, orphan_row = db.session.scalars(predictions.query()).all()[::-1]
-        assert linked_row.class_names == list(model_store.CIFAR10_CLASSES)
+        assert linked_row.class_names == list(CIFAR10_CLASSES)
         assert orphan_row.class_names is None
         linked_id, orphan_id = linked_row.id, orphan_row.id
     client = bare_app.test_client()

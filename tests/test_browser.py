@@ -6,7 +6,6 @@ Screenshots land in the folder named by SCREENSHOT_DIR (default: the test's temp
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import pytest
 from helpers import FORCED, force_calibration, image_bytes, make_user, random_image_bytes
 
 import model_store
+from devserver import CHROMIUM, CHROMIUM_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 pytestmark = [
     pytest.mark.slow,  # gunicorn and a browser
@@ -28,10 +27,6 @@ pytestmark = [
         not Path(CHROMIUM).exists(), reason="no Chromium at /usr/bin/chromium (apt-get install chromium)"
     ),
 ]
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @pytest.fixture

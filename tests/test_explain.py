@@ -15,6 +15,7 @@ from PIL import Image
 import explain
 import model_store
 import serving
+from model_spec import CIFAR10_CLASSES
 from predictor import ModelSpec
 
 DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
@@ -87,7 +88,7 @@ def _peak_quadrant(grid) -> tuple[int, int]:
 
 def test_the_map_is_highest_where_the_model_reads():
     model = build_region_model()
-    spec = ModelSpec(tuple(model_store.CIFAR10_CLASSES), (32, 32, 3))
+    spec = ModelSpec(tuple(CIFAR10_CLASSES), (32, 32, 3))
     explainer = explain.explainer_for(model, spec)
     assert explainer.layer_name.startswith("max_pooling2d") and explainer.grid_shape == (8, 8)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

@@ -2,9 +2,7 @@
 
 import io
 import itertools
-import struct
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,20 +18,11 @@ from sqlalchemy import text, update
 import model_store
 import predictions
 from database import db
+from hostile_files import huge_png, truncated
+from model_spec import CIFAR10_CLASSES
 from model_store import ModelStoreError, ModelVersion
 from predictor import softmax
 from web.extensions import model_serving
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def huge_png(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A PNG that claims 50,000 x 50,000 pixels in a few KB (a decompression bomb)."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    rows = zlib.compress(b"\x00" * (width * 3 + 1) * 2, 9)
-    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def animated_gif() -> bytes:
@@ -51,12 +40,6 @@ def gif_frame_as_png(gif: bytes, index: int) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def truncated(fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((128, 128), 50).convert("RGB").save(buffer, fmt)
-    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
 HOSTILE_FILES = {
@@ -117,7 +100,7 @@ def test_animated_gif_uses_its_first_frame(client):
         response = client.post("/api/v1/predict", data=data, content_type=content_type)
         assert response.status_code == 200, response.get_data(as_text=True)
         answer = response.get_json()["predictions"][0]["probabilities"]
-        return [answer[name] for name in model_store.CIFAR10_CLASSES]
+        return [answer[name] for name in CIFAR10_CLASSES]
 
     gif = animated_gif()
     first, second = (probabilities(gif_frame_as_png(gif, index), "image/png") for index in (0, 1))
@@ -341,7 +324,7 @@ def test_activation_during_requests_answers_with_one_whole_model(app, other_mode
             body = response.get_json()
             name = body["model"]["name"]
             seen.add(name)
-            got = [body["predictions"][0]["probabilities"][c] for c in model_store.CIFAR10_CLASSES]
+            got = [body["predictions"][0]["probabilities"][c] for c in CIFAR10_CLASSES]
             np.testing.assert_allclose(got, expected[name][index], atol=1e-5)
     finally:
         stop.set()
@@ -380,7 +363,7 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
 
     model = keras.saving.load_model(_nan_model_file(tmp_path / "nan.h5"), compile=False)
     with pytest.raises(ModelOutputError):
-        Predictor(model, ModelSpec(tuple(model_store.CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
+        Predictor(model, ModelSpec(tuple(CIFAR10_CLASSES), (32, 32, 3))).predict_arrays(
             np.zeros((1, 32, 32, 3), np.uint8)
         )
     with app.app_context():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_store import CIFAR10_CLASSES
+from model_spec import CIFAR10_CLASSES
 from predictor import ImageError, decode_image
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

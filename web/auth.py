@@ -13,17 +13,15 @@ import os
 import secrets
 
 from flask import Blueprint, Flask, current_app, flash, redirect, render_template, request, session, url_for
-from flask_login import LoginManager, current_user, login_user, logout_user
+from flask_login import current_user, login_user, logout_user
 
 import accounts
 from accounts import Viewer
-from web.errors import WebError
+from web.errors import STATUS_BY_CODE, WebError
+from web.extensions import login_manager
 from web.limits import login_limit
 
 bp = Blueprint("auth", __name__)
-login_manager = LoginManager()
-login_manager.login_view = "auth.login"
-login_manager.login_message = "Log in to use the classifier."
 
 ANONYMOUS_SESSION_KEY = "anonymous_id"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -128,7 +126,8 @@ def login():
         return render_template("login.html")
     user = accounts.authenticate(request.form.get("username", ""), request.form.get("password", ""))
     if user is None:
-        return render_template("login.html", error="Unknown user name or wrong password."), 401
+        page = render_template("login.html", error="Unknown user name or wrong password.")
+        return page, STATUS_BY_CODE["unauthorized"]
     session.clear()  # no session state carries over a change of who is logged in
     login_user(user)
     flash(f"Logged in as {user.name}.")
@@ -144,10 +143,8 @@ def logout():
 
 
 def init_app(app: Flask) -> None:
-    """Flask-Login on the app, the log-in pages, and the refusal to serve an exposed anonymous app."""
+    """The refusal to serve an exposed anonymous app, and the viewer in every template."""
     problem = exposure_problem(app.config, os.environ.get(BIND_ENV, ""))
     if problem:
         raise RuntimeError(problem)
-    login_manager.init_app(app)
-    app.register_blueprint(bp)
     app.context_processor(lambda: {"viewer": current_viewer(), "is_operator": is_operator()})

@@ -1,5 +1,7 @@
 """The error edge: every error the app answers has a machine-readable code, and this table maps
-codes to HTTP statuses. Domain modules raise errors with a code; only this module knows statuses.
+codes to HTTP statuses. Domain modules raise AppErrors (app_errors.py) with a code; only this
+module knows statuses, and the front door's own answers (deploy/nginx.conf.template) use the same
+codes and statuses (tests/test_errors_table.py holds them to it).
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from flask import Flask, current_app, jsonify, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
+
+from app_errors import AppError
 
 STATUS_BY_CODE = {
     "no_file": 400,
@@ -29,43 +33,52 @@ STATUS_BY_CODE = {
     "request_too_large": 413,
     "unsupported_media_type": 415,
     "registry": 409,
+    "rate_limited": 429,
     "no_explanation": 422,
     "feedback_locked": 409,
     "model_output": 500,
     "internal": 500,
     "no_model": 503,
+    # Answered by nginx in front (deploy/nginx.conf.template), never by the app itself.
+    "unavailable": 503,
+    "timeout": 504,
 }
 
 
-class WebError(Exception):
+class WebError(AppError):
     """An error found at the web edge (a request without a file, a bad parameter, no model)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.message, self.code = message, code
 
 
 def describe(exc: Exception) -> tuple[str, str, int]:
-    """(message, code, status) for any exception a view can raise."""
+    """(message, code, status) for any exception a view can raise; the status is the table's."""
+    known = _message_and_code(exc)
+    if known is not None:
+        message, code = known
+        return message, code, STATUS_BY_CODE[code]
+    if isinstance(exc, HTTPException):
+        # Werkzeug's own refusals (404, 405 ...): its status, its name as the code.
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return exc.description or exc.name, code, exc.code or STATUS_BY_CODE["internal"]
+    current_app.logger.exception("unexpected error")
+    return "Something went wrong on our side; the error was logged.", "internal", STATUS_BY_CODE["internal"]
+
+
+def _message_and_code(exc: Exception) -> tuple[str, str] | None:
+    """(message, code) of an error the table knows, None for any other."""
     if isinstance(exc, RequestEntityTooLarge):
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
         _discard_body(4 * current_app.config["MAX_CONTENT_LENGTH"])
-        return f"The upload is too large: the limit is {limit_mb:g} MB per request.", "too_large", 413
+        return f"The upload is too large: the limit is {limit_mb:g} MB per request.", "too_large"
     if isinstance(exc, CSRFError):
         message = f"The form expired or was not sent from this site ({exc.description}). Reload the page and try again."
-        return message, "csrf", 400
+        return message, "csrf"
     if isinstance(exc, RateLimitExceeded):
-        return f"Too many requests: the limit is {exc.description}. Try again later.", "rate_limited", 429
-    if isinstance(exc, HTTPException):
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return exc.description or exc.name, code, exc.code or 500
-    code = getattr(exc, "code", None)
-    if isinstance(code, str) and code in STATUS_BY_CODE:
-        if code == "model_output":
+        return f"Too many requests: the limit is {exc.description}. Try again later.", "rate_limited"
+    if isinstance(exc, AppError) and exc.code in STATUS_BY_CODE:
+        if exc.code == "model_output":
             current_app.logger.error("model output: %s", exc)
-        return getattr(exc, "message", str(exc)), code, STATUS_BY_CODE[code]
-    current_app.logger.exception("unexpected error")
-    return "Something went wrong on our side; the error was logged.", "internal", 500
+        return exc.message, exc.code
+    return None
 
 
 def _protocol_headers(exc: Exception) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Flask extensions the web layer shares: CSRF protection, request limits and the model being served.
+"""The app's Flask extensions, all bound to an app here (`init_app`): the database and its
+migrations (database.py), CSRF protection, request limits, log-in and the model being served.
 
 `model_serving` is to the served model what `db` is to the database: created once here, bound
 to an app with `init_app`, and reached in a request through its accessors.
@@ -12,8 +13,10 @@ from pathlib import Path
 from flask import Flask, current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from flask_login import LoginManager
 from flask_wtf.csrf import CSRFProtect
 
+import database
 from model_sandbox import ImportLimits
 from serving import BatchingConfig, DecodeBudget, LoadedModel, ModelHolder
 from web.errors import WebError
@@ -21,6 +24,10 @@ from web.errors import WebError
 csrf = CSRFProtect()
 # Storage, headers and on/off come from the RATELIMIT_* settings; the limits are in web/limits.py.
 limiter = Limiter(key_func=get_remote_address)
+# Who is asking: the loaders are web/auth.py's.
+login_manager = LoginManager()
+login_manager.login_view = "auth.login"
+login_manager.login_message = "Log in to use the classifier."
 
 
 class ModelServing:
@@ -74,3 +81,12 @@ class ModelServing:
 
 
 model_serving = ModelServing()
+
+
+def init_app(app: Flask) -> None:
+    """Bind every extension to the app (the factory's one call for them)."""
+    database.init_app(app)
+    csrf.init_app(app)
+    limiter.init_app(app)
+    login_manager.init_app(app)
+    model_serving.init_app(app)

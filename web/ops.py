@@ -7,7 +7,7 @@ from flask import Blueprint, Response, jsonify
 
 import monitoring
 from web.auth import may_read_metrics
-from web.errors import WebError, json_error
+from web.errors import STATUS_BY_CODE, WebError, json_error
 from web.extensions import model_serving
 
 bp = Blueprint("ops", __name__)
@@ -17,7 +17,7 @@ bp.register_error_handler(Exception, json_error)
 @bp.get("/healthz")
 def healthz():
     status = model_serving.status()
-    return jsonify(status), 200 if status["ready"] and not status["error"] else 503
+    return jsonify(status), 200 if status["ready"] and not status["error"] else STATUS_BY_CODE["no_model"]
 
 
 @bp.get("/metrics")
