@@ -21,7 +21,7 @@ from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, errors, ops, pages, privacy
+from web import api, auth, errors, inputs, ops, pages, privacy
 from web.extensions import csrf, limiter, model_serving
 
 DEFAULTS = {
@@ -50,6 +50,12 @@ DEFAULTS = {
     "METRICS_ALLOW_LOOPBACK": True,
     "TRUSTED_HOSTS": [],  # added to the loopback names
     "SESSION_COOKIE_SAMESITE": "Lax",
+    # A log-in lasts at most this long (seconds; Flask's default is 31 days): the signed cookie is
+    # refused once older, whatever the browser keeps.
+    "PERMANENT_SESSION_LIFETIME": 14 * 24 * 3600,
+    # After this many failed log-ins in a row an account refuses log-ins for LOGIN_LOCKOUT_MINUTES.
+    "LOGIN_LOCKOUT_FAILURES": 10,
+    "LOGIN_LOCKOUT_MINUTES": 15,
     # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
     # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
     "PROXY_HOPS": 0,
@@ -99,6 +105,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     database.init_app(app)
     csrf.init_app(app)
     limiter.init_app(app)
+    inputs.init_app(app)
     auth.init_app(app)
     privacy.init_app(app)
     model_serving.init_app(app)
