@@ -52,21 +52,7 @@ FIRST_REVISION = "0001"
 # The metrics anyone may see (the API, the model card): an allow-list, so a key a new script adds
 # stays for operators until it is listed here. True: the whole value; a dict: those of its keys.
 # Left out: where and how the model was trained (paths, commands, the data's hash, report files),
-# which operators see.
-_CALIBRATION_PUBLIC = (
-    "temperature",
-    "logit_norm",
-    "aurc_by_logit_norm",
-    "target_accuracy",
-    "confidence_threshold",
-    "heldout_images",
-    "measured_on",
-    "before",
-    "after",
-    "reliability_before",
-    "reliability_after",
-    "risk_coverage",
-)
+# which operators see. (An imported model's "calibration" goes to its own table, not the metrics.)
 PUBLIC_METRICS: dict[str, object] = {
     **dict.fromkeys(
         (
@@ -77,6 +63,7 @@ PUBLIC_METRICS: dict[str, object] = {
             "output_kind",
             "tta",
             "explain_layer",
+            "imported_from",
             "test_accuracy",
             "per_class_accuracy",
             "confusion_matrix",
@@ -102,7 +89,6 @@ PUBLIC_METRICS: dict[str, object] = {
         ),
         True,
     ),
-    "calibration": dict.fromkeys(_CALIBRATION_PUBLIC, True),
     "ood_evaluation": {"test_images": True, "groups": True},
 }
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}

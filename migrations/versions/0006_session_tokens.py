@@ -25,19 +25,19 @@ depends_on = None
 
 
 def upgrade():
-    with op.batch_alter_table("users", recreate="always", table_kwargs={"sqlite_autoincrement": True}) as batch_op:
-        batch_op.add_column(sa.Column("session_token", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("failed_logins", sa.Integer(), server_default="0", nullable=False))
-        batch_op.add_column(sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("users", sa.Column("session_token", sa.String(length=64), nullable=True))
     users = sa.table("users", sa.column("id", sa.Integer()), sa.column("session_token", sa.String()))
     connection = op.get_bind()
     for (user_id,) in connection.execute(sa.select(users.c.id)).all():
         token = secrets.token_urlsafe(32)
         connection.execute(users.update().where(users.c.id == user_id).values(session_token=token))
-    with op.batch_alter_table("users") as batch_op:
+    # One rebuild on SQLite: a second batch would make the table again without AUTOINCREMENT.
+    with op.batch_alter_table("users", recreate="always", table_kwargs={"sqlite_autoincrement": True}) as batch_op:
         batch_op.alter_column("session_token", existing_type=sa.String(length=64), nullable=False)
         batch_op.create_unique_constraint("uq_users_session_token", ["session_token"])
+        batch_op.add_column(sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("failed_logins", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True))
     if connection.dialect.name == "sqlite":
         broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
         if broken:
