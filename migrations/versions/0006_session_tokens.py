@@ -31,8 +31,9 @@ def upgrade():
     for (user_id,) in connection.execute(sa.select(users.c.id)).all():
         token = secrets.token_urlsafe(32)
         connection.execute(users.update().where(users.c.id == user_id).values(session_token=token))
-    # One rebuild on SQLite: a second batch would make the table again without AUTOINCREMENT.
-    with op.batch_alter_table("users", recreate="always", table_kwargs={"sqlite_autoincrement": True}) as batch_op:
+    # One rebuild on SQLite (the NOT NULL needs one; a second batch would make the table again
+    # without AUTOINCREMENT); plain ALTERs on PostgreSQL.
+    with op.batch_alter_table("users", table_kwargs={"sqlite_autoincrement": True}) as batch_op:
         batch_op.alter_column("session_token", existing_type=sa.String(length=64), nullable=False)
         batch_op.create_unique_constraint("uq_users_session_token", ["session_token"])
         batch_op.add_column(sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True))
@@ -45,7 +46,7 @@ def upgrade():
 
 
 def downgrade():
-    with op.batch_alter_table("users", recreate="always", table_kwargs={"sqlite_autoincrement": False}) as batch_op:
+    with op.batch_alter_table("users", table_kwargs={"sqlite_autoincrement": False}) as batch_op:
         batch_op.drop_constraint("uq_users_session_token", type_="unique")
         batch_op.drop_column("locked_until")
         batch_op.drop_column("failed_logins")
