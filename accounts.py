@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, select, update
+from sqlalchemy import DateTime, ForeignKey, Integer, String, UniqueConstraint, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -54,14 +54,17 @@ class User(db.Model):
 
     __tablename__ = "users"
     # SQLite would otherwise give a deleted account's id to the next account made.
-    __table_args__: ClassVar[dict] = {"sqlite_autoincrement": True}
+    __table_args__: ClassVar[tuple] = (
+        UniqueConstraint("session_token", name="uq_users_session_token"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), nullable=False, unique=True)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(10), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    session_token: Mapped[str] = mapped_column(String(64), nullable=False, unique=True, default=_session_token)
+    session_token: Mapped[str] = mapped_column(String(64), nullable=False, default=_session_token)
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     failed_logins: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -17,6 +17,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import database
 import heatmap
 import monitoring
+from accounts import Lockout
 from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
@@ -54,8 +55,8 @@ DEFAULTS = {
     # refused once older, whatever the browser keeps.
     "PERMANENT_SESSION_LIFETIME": 14 * 24 * 3600,
     # After this many failed log-ins in a row an account refuses log-ins for LOGIN_LOCKOUT_MINUTES.
-    "LOGIN_LOCKOUT_FAILURES": 10,
-    "LOGIN_LOCKOUT_MINUTES": 15,
+    "LOGIN_LOCKOUT_FAILURES": Lockout.failures,
+    "LOGIN_LOCKOUT_MINUTES": Lockout.duration.total_seconds() / 60,
     # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
     # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
     "PROXY_HOPS": 0,
