@@ -1,7 +1,10 @@
 """Accounts and API keys: who may use the app, and whose predictions are whose.
 
 Passwords are stored as werkzeug.security hashes; API keys are random tokens of which only the
-SHA-256 is stored, so the database alone never lets anyone use one. A `Viewer` is the person a
+SHA-256 is stored, so the database alone never lets anyone use one. A browser session names an
+account by its random session token, not its id: changing the token (log-out, new password, new
+role, disabling) ends every session of the account, and a deleted account's cookie names no one.
+Repeated failed log-ins lock an account for a while. A `Viewer` is the person a
 request speaks for (an account, or an anonymous browser session); the prediction history uses it
 to show each person only their own predictions, and operators all of them.
 """
@@ -11,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, select
+from sqlalchemy import DateTime, ForeignKey, Integer, String, UniqueConstraint, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -23,8 +27,11 @@ from database import db
 ROLES = ("operator", "member")
 KEY_PREFIX = "ick_"  # image-classifier key: lets secret scanners and people recognise one
 MIN_PASSWORD_LENGTH = 8
+# werkzeug's scrypt default, spelled out: OWASP's N=2^17 costs 0.9 s a login on this app's server
+# (benchmarks/password_hash.py). Hashes made with another method are redone at the next log-in.
+PASSWORD_METHOD = "scrypt:32768:8:1"
 # Checked when the name is unknown, so a failed login takes as long whether or not the name exists.
-_DUMMY_HASH = generate_password_hash("not a password of anyone")
+_DUMMY_HASH = generate_password_hash("not a password of anyone", method=PASSWORD_METHOD)
 
 
 class AccountError(AppError):
@@ -33,23 +40,50 @@ class AccountError(AppError):
     code = "bad_account"
 
 
+class AccountLocked(AccountError):
+    """Too many failed log-ins in a row: the account refuses log-ins for a while."""
+
+    code = "account_locked"
+
+
+def _session_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
 class User(db.Model):
     """An account. The four members Flask-Login asks of a user are here, so this module needs no Flask."""
 
     __tablename__ = "users"
+    # SQLite would otherwise give a deleted account's id to the next account made.
+    __table_args__: ClassVar[tuple] = (
+        UniqueConstraint("session_token", name="uq_users_session_token"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), nullable=False, unique=True)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(10), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    session_token: Mapped[str] = mapped_column(String(64), nullable=False, default=_session_token)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_logins: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     is_authenticated = True
-    is_active = True
     is_anonymous = False
 
+    @property
+    def is_active(self) -> bool:
+        return self.disabled_at is None
+
     def get_id(self) -> str:
-        return str(self.id)
+        """What the session cookie keeps: the session token, which ends with the session."""
+        return self.session_token
+
+    def end_sessions(self) -> None:
+        """A new session token: every cookie holding the old one names no one now (not committed)."""
+        self.session_token = _session_token()
 
     @property
     def is_operator(self) -> bool:
@@ -97,7 +131,8 @@ def create_user(name: str, password: str, role: str = "member") -> User:
     _validate(name, password, role)
     if find_user(name) is not None:
         raise AccountError(f"a user named {name!r} exists already")
-    user = User(name=name, password_hash=generate_password_hash(password), role=role, created_at=datetime.now(UTC))
+    password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    user = User(name=name, password_hash=password_hash, role=role, created_at=datetime.now(UTC))
     db.session.add(user)
     db.session.commit()
     return user
@@ -105,10 +140,6 @@ def create_user(name: str, password: str, role: str = "member") -> User:
 
 def find_user(name: str) -> User | None:
     return db.session.scalar(select(User).where(User.name == name))
-
-
-def get_user(user_id: int) -> User | None:
-    return db.session.get(User, user_id)
 
 
 def _existing(name: str) -> User:
@@ -122,12 +153,48 @@ def list_users() -> list[User]:
     return list(db.session.scalars(select(User).order_by(User.name)))
 
 
+def user_for_session(token: str) -> User | None:
+    """The enabled account whose current session token this is, or None."""
+    return db.session.scalar(select(User).where(User.session_token == token, User.disabled_at.is_(None)))
+
+
 def set_password(name: str, password: str) -> User:
+    """A new password; the account's sessions end."""
     _validate(name, password, None)
     user = _existing(name)
-    user.password_hash = generate_password_hash(password)
+    user.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    user.failed_logins, user.locked_until = 0, None
+    user.end_sessions()
     db.session.commit()
     return user
+
+
+def set_role(name: str, role: str) -> User:
+    """A new role; the account's sessions end, so no page keeps the old role's view."""
+    _validate(name, None, role)
+    user = _existing(name)
+    user.role = role
+    user.end_sessions()
+    db.session.commit()
+    return user
+
+
+def set_disabled(name: str, disabled: bool) -> User:
+    """Disable an account (its sessions end; log-ins and its API keys are refused) or enable it again."""
+    user = _existing(name)
+    if disabled and user.disabled_at is None:
+        user.disabled_at = datetime.now(UTC)
+        user.end_sessions()
+    elif not disabled:
+        user.disabled_at, user.failed_logins, user.locked_until = None, 0, None
+    db.session.commit()
+    return user
+
+
+def end_sessions(user: User) -> None:
+    """Log the account out everywhere."""
+    user.end_sessions()
+    db.session.commit()
 
 
 def delete_user(name: str) -> None:
@@ -136,13 +203,50 @@ def delete_user(name: str) -> None:
     db.session.commit()
 
 
-def authenticate(name: str, password: str) -> User | None:
-    """The user with that name and password, or None."""
+@dataclass(frozen=True)
+class Lockout:
+    """After `failures` failed log-ins in a row, an account refuses log-ins for `duration`."""
+
+    failures: int = 10
+    duration: timedelta = timedelta(minutes=15)
+
+
+def authenticate(name: str, password: str, lockout: Lockout | None = None) -> User | None:
+    """The enabled user with that name and password, or None; AccountLocked while locked out."""
+    lockout = lockout or Lockout()
     user = find_user(name)
     if user is None:
         check_password_hash(_DUMMY_HASH, password)
         return None
-    return user if check_password_hash(user.password_hash, password) else None
+    now = datetime.now(UTC)
+    if user.locked_until is not None and _aware(user.locked_until) > now:
+        raise AccountLocked(
+            f"Too many failed log-ins: this account accepts none until {_aware(user.locked_until):%H:%M} UTC."
+        )
+    if not check_password_hash(user.password_hash, password):
+        _count_failure(user, lockout, now)
+        return None
+    if not user.is_active:
+        return None
+    user.failed_logins, user.locked_until = 0, None
+    if not user.password_hash.startswith(PASSWORD_METHOD + "$"):
+        user.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    db.session.commit()
+    return user
+
+
+def _count_failure(user: User, lockout: Lockout, now: datetime) -> None:
+    # Counted in SQL, so failures sent at once by several workers all count.
+    db.session.execute(update(User).where(User.id == user.id).values(failed_logins=User.failed_logins + 1))
+    db.session.commit()
+    if user.failed_logins >= lockout.failures:
+        user.failed_logins, user.locked_until = 0, now + lockout.duration
+        db.session.commit()
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _hash_key(key: str) -> str:
@@ -178,10 +282,10 @@ def revoke_api_key(key_id: int) -> ApiKey:
 
 
 def user_for_key(key: str) -> User | None:
-    """The user of a live (not revoked) key, or None. Looked up by hash: the hash is the index."""
+    """The enabled user of a live (not revoked) key, or None. Looked up by hash: the hash is the index."""
     statement = (
         select(User)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_sha256 == _hash_key(key), ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_sha256 == _hash_key(key), ApiKey.revoked_at.is_(None), User.disabled_at.is_(None))
     )
     return db.session.scalar(statement)

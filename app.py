@@ -17,11 +17,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import database
 import heatmap
 import monitoring
+from accounts import Lockout
 from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, errors, extensions, ops, pages, privacy
+from web import api, auth, errors, extensions, inputs, ops, pages, privacy
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -49,6 +50,12 @@ DEFAULTS = {
     "METRICS_ALLOW_LOOPBACK": True,
     "TRUSTED_HOSTS": [],  # added to the loopback names
     "SESSION_COOKIE_SAMESITE": "Lax",
+    # A log-in lasts at most this long (seconds; Flask's default is 31 days): the signed cookie is
+    # refused once older, whatever the browser keeps.
+    "PERMANENT_SESSION_LIFETIME": 14 * 24 * 3600,
+    # After this many failed log-ins in a row an account refuses log-ins for LOGIN_LOCKOUT_MINUTES.
+    "LOGIN_LOCKOUT_FAILURES": Lockout.failures,
+    "LOGIN_LOCKOUT_MINUTES": Lockout.duration.total_seconds() / 60,
     # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
     # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
     "PROXY_HOPS": 0,
@@ -95,6 +102,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.json.sort_keys = False  # probabilities are listed ranked, best first
     app.jinja_env.filters["jpeg_data_uri"] = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode()
     app.jinja_env.filters["png_data_uri"] = heatmap.data_uri
+    inputs.init_app(app)
     auth.init_app(app)
     extensions.init_app(app)
     privacy.init_app(app)

@@ -13,7 +13,7 @@ import accounts
 import predictions
 from accounts import AccountError
 
-users_group = AppGroup("users", help="Accounts: create, list, delete, set-password.")
+users_group = AppGroup("users", help="Accounts: create, list, delete, set-password, set-role, disable, enable.")
 keys_group = AppGroup("api-keys", help="API keys: create (printed once), list, revoke.")
 
 
@@ -70,6 +70,31 @@ def set_password_command(name: str, password_stdin: bool) -> None:
     click.echo(f"password of {name} changed")
 
 
+@users_group.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(accounts.ROLES))
+def set_role_command(name: str, role: str) -> None:
+    """Change an account's role; its sessions end."""
+    _run(lambda: accounts.set_role(name, role))
+    click.echo(f"{name} is now {role}; its sessions are ended")
+
+
+@users_group.command("disable")
+@click.argument("name")
+def disable_user_command(name: str) -> None:
+    """Disable an account: its sessions end, and log-ins and its API keys are refused until enabled."""
+    _run(lambda: accounts.set_disabled(name, True))
+    click.echo(f"disabled {name}: its sessions are ended, its log-ins and API keys refused")
+
+
+@users_group.command("enable")
+@click.argument("name")
+def enable_user_command(name: str) -> None:
+    """Enable a disabled account again (and lift a log-in lockout)."""
+    _run(lambda: accounts.set_disabled(name, False))
+    click.echo(f"enabled {name}")
+
+
 @keys_group.command("create")
 @click.argument("name")
 @click.option("--user", "user_name", required=True, help="the account the key acts for")
@@ -101,11 +126,27 @@ def revoke_key_command(key_id: int) -> None:
 
 
 @click.command("purge-history")
-@click.option("--days", type=click.FloatRange(min=0), help="keep this many days (default: RETENTION_DAYS)")
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    help="keep this many days (default: RETENTION_DAYS; 0 there means kept until deleted)",
+)
+@click.option("--all", "everything", is_flag=True, help="delete every prediction of everyone, whatever its age")
+@click.option("--yes", is_flag=True, help="with --all: do not ask for confirmation")
 @with_appcontext
-def purge_history_command(days: float | None) -> None:
-    """Delete predictions (and thumbnails) older than the retention period."""
+def purge_history_command(days: float | None, everything: bool, yes: bool) -> None:
+    """Delete predictions (and thumbnails) older than the retention period, or --all of them."""
+    if everything:
+        if days is not None:
+            raise click.UsageError("--all deletes every prediction: it takes no --days")
+        if not yes:
+            click.confirm("Delete every prediction of everyone, with its thumbnail?", abort=True)
+        click.echo(f"deleted all {predictions.purge_all()} predictions")
+        return
     days = current_app.config["RETENTION_DAYS"] if days is None else days
+    if not days:
+        click.echo("RETENTION_DAYS is 0: predictions are kept until deleted, none purged (--all deletes all)")
+        return
     removed = predictions.purge(float(days))
     click.echo(f"deleted {removed} predictions older than {days:g} days")
 

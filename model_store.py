@@ -48,9 +48,61 @@ from model_spec import SETTING_DEFAULTS, ModelSpec
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
 FIRST_REVISION = "0001"
-# Metrics that say where and how a model was trained (paths and the command on the build machine):
-# operators see them on the model card; the API and other visitors do not.
-PRIVATE_METRICS = ("command", "data_source", "data_sha256", "report_files")
+# The metrics anyone may see (the API, the model card): an allow-list, so a key a new script adds
+# stays for operators until it is listed here. True: the whole value; a dict: those of its keys.
+# Left out: where and how the model was trained (paths, commands, the data's hash, report files),
+# which operators see. (An imported model's "calibration" goes to its own table, not the metrics.)
+PUBLIC_METRICS: dict[str, object] = {
+    **dict.fromkeys(
+        (
+            "arch",
+            "class_names",
+            "input_shape",
+            "input_scale",
+            "output_kind",
+            "tta",
+            "explain_layer",
+            "imported_from",
+            "test_accuracy",
+            "per_class_accuracy",
+            "confusion_matrix",
+            "best_val_accuracy",
+            "final_val_accuracy",
+            "history",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "weight_decay",
+            "precision",
+            "seed",
+            "distribute",
+            "replicas",
+            "train_images",
+            "val_images",
+            "test_images",
+            "parameters",
+            "train_time_s",
+            "wall_time_s",
+            "inference",
+            "cpu_count",
+        ),
+        True,
+    ),
+    "ood_evaluation": {"test_images": True, "groups": True},
+}
+
+
+def public_metrics(metrics: dict, allowed: dict | None = None) -> dict:
+    """The part of a model's metrics in the PUBLIC_METRICS allow-list, nested keys included."""
+    allowed = PUBLIC_METRICS if allowed is None else allowed
+    public = {}
+    for key, value in metrics.items():
+        rule = allowed.get(key)
+        if rule is True:
+            public[key] = value
+        elif isinstance(rule, dict) and isinstance(value, dict):
+            public[key] = public_metrics(value, rule)
+    return public
 
 
 class ModelNotFound(ModelStoreError):

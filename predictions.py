@@ -29,6 +29,7 @@ from sqlalchemy import (
     false,
     func,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, deferred, mapped_column
@@ -222,10 +223,35 @@ def forget(viewer: Viewer) -> int:
     return result.rowcount
 
 
+def count_owned(viewer: Viewer) -> int:
+    """How many predictions the viewer owns (an operator's own, not everyone's)."""
+    return db.session.scalar(select(func.count()).select_from(PredictionRecord).where(*_owned_by(viewer)))
+
+
+def adopt(anonymous: Viewer, account: Viewer) -> int:
+    """Give an anonymous visitor's predictions to the account it logged in as; how many."""
+    statement = (
+        update(PredictionRecord).where(*_owned_by(anonymous)).values(owner_user_id=account.user_id, owner_session=None)
+    )
+    result = db.session.execute(statement)
+    db.session.commit()
+    return result.rowcount
+
+
 def purge(retention_days: float, now: datetime | None = None) -> int:
-    """Delete predictions older than the retention period; how many."""
+    """Delete predictions older than the retention period; how many. A period of 0 (or less)
+    means "kept until deleted": nothing is purged (purge_all deletes every prediction)."""
+    if retention_days <= 0:
+        return 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     result = db.session.execute(delete(PredictionRecord).where(PredictionRecord.created_at < cutoff))
+    db.session.commit()
+    return result.rowcount
+
+
+def purge_all() -> int:
+    """Delete every prediction of everyone; how many."""
+    result = db.session.execute(delete(PredictionRecord))
     db.session.commit()
     return result.rowcount
 

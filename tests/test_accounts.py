@@ -118,9 +118,9 @@ def test_members_see_their_own_and_operators_see_all(app, runner):
     assert listed(olga) == set(ids.values())
     assert mia_client.get(f"/predictions/{ids['max']}/thumbnail.jpg").status_code == 404
     assert olga.get(f"/predictions/{ids['max']}/thumbnail.jpg").status_code == 200
-    # Logging in does not carry an anonymous session's predictions into the account.
+    # Logging in moves the anonymous visitor's predictions into the account.
     login(anonymous, "mia")
-    assert listed(anonymous) == {ids["mia"]}
+    assert listed(anonymous) == {ids["mia"], ids["anonymous"]}
 
 
 def test_feedback_records_its_author_and_others_cannot_overwrite_it(app, runner, tmp_path):

@@ -19,6 +19,7 @@ from web.auth import is_operator, require_api_caller
 from web.errors import WebError, json_error
 from web.extensions import csrf
 from web.limits import predict_limit
+from web.privacy import no_store
 from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
@@ -78,6 +79,7 @@ def _prediction(image: ClassifiedImage, top_k: int | None, explain: bool) -> dic
 
 @bp.post("/predict")
 @predict_limit
+@no_store
 def predict():
     top_k, explain = _top_k(), _explain()
     answered_by, result = classify_request("api", thumbnails=False, explain_side=heatmap.OVERLAY_MAX_SIDE * explain)
@@ -92,16 +94,17 @@ def predict():
 
 @bp.get("/models")
 def models():
-    private = () if is_operator() else model_store.PRIVATE_METRICS
+    operator = is_operator()
     calibrations = model_store.calibration_summaries()
     return jsonify(
-        {"models": [_public(row.to_dict(), private, calibrations.get(row.id)) for row in model_store.list_models()]}
+        {"models": [_public(row.to_dict(), operator, calibrations.get(row.id)) for row in model_store.list_models()]}
     )
 
 
-def _public(model: dict, private: tuple[str, ...], calibration_summary: dict | None) -> dict:
+def _public(model: dict, operator: bool, calibration_summary: dict | None) -> dict:
     """Registry metadata for the API: the training history is long and stays on the model card;
-    where and how the model was trained is for operators only; the calibration is its summary
-    (temperature, thresholds, ECE)."""
-    metrics = {key: value for key, value in model["metrics"].items() if key != "history" and key not in private}
+    others than operators see the public metrics only (model_store.PUBLIC_METRICS); the
+    calibration is its summary (temperature, thresholds, ECE)."""
+    metrics = model["metrics"] if operator else model_store.public_metrics(model["metrics"])
+    metrics = {key: value for key, value in metrics.items() if key != "history"}
     return {**model, "metrics": metrics, "calibration": calibration_summary or {"calibrated": False}}

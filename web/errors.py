@@ -34,6 +34,7 @@ STATUS_BY_CODE = {
     "unsupported_media_type": 415,
     "registry": 409,
     "rate_limited": 429,
+    "account_locked": 429,
     "no_explanation": 422,
     "feedback_locked": 409,
     "model_output": 500,

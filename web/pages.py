@@ -24,6 +24,7 @@ from web.auth import current_viewer, is_operator, require_page_login
 from web.errors import describe, html_error
 from web.extensions import model_serving
 from web.limits import predict_limit
+from web.privacy import no_store
 from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
@@ -52,6 +53,7 @@ def index():
 
 @bp.post("/")
 @predict_limit
+@no_store
 def classify():
     answered_by, result = classify_request("web", thumbnails=True, explain_side=PAGE_OVERLAY_SIDE)
     return render_template(
@@ -72,6 +74,7 @@ def _bounded_arg(name: str) -> int | None:
 
 
 @bp.get("/history")
+@no_store
 def history():
     top_class = request.args.get("class") or None
     decision = request.args.get("decision") or None
@@ -102,15 +105,16 @@ def history():
 
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/thumbnail.jpg")
+@no_store
 def prediction_thumbnail(prediction_id: int):
     thumbnail = predictions.get(prediction_id, current_viewer()).thumbnail
     if not thumbnail:
         abort(404)
-    # A person's photo: no shared cache keeps it, and the browser does not store it either.
-    return Response(thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "private, no-store"})
+    return Response(thumbnail, mimetype="image/jpeg")
 
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/explain")
+@no_store
 def prediction_explain(prediction_id: int):
     """Where the served model looks in a recorded image for the class chosen (the top class by
     default), drawn from the kept thumbnail."""
@@ -155,13 +159,12 @@ def models():
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>")
 def model_card(model_id: int):
     model = model_store.get_model(model_id)
-    private = () if is_operator() else model_store.PRIVATE_METRICS
     return render_template(
         "model_card.html",
         model=model,
+        metrics=model.metrics if is_operator() else model_store.public_metrics(model.metrics),
         calibration=model_store.get_calibration(model.id),
         ece_bins=ECE_BINS,
-        private=private,
     )
 
 

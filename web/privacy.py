@@ -1,14 +1,17 @@
 """Privacy defaults at the request edge: uploads stay in memory, the session cookie is Secure over
-HTTPS, and the prediction history is purged past its retention period (at most once an hour).
+HTTPS, personal pages are not stored by any cache, and the prediction history is purged past its
+retention period (at most once an hour).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
+from collections.abc import Callable
 
-from flask import Flask, Request, current_app, request
+from flask import Flask, Request, current_app, make_response, request
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +34,19 @@ class HttpsAwareSessionInterface(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(super().get_cookie_secure(app) or request.is_secure)
+
+
+def no_store(view: Callable) -> Callable:
+    """A view whose answer is someone's own (their results, history, photos): no shared cache
+    keeps it and the browser does not store it (nor show it again from Back after log-out)."""
+
+    @functools.wraps(view)
+    def personal(*args, **kwargs):
+        response = make_response(view(*args, **kwargs))
+        response.headers["Cache-Control"] = "private, no-store"
+        return response
+
+    return personal
 
 
 class HistoryPurge:
