@@ -229,7 +229,6 @@ class ModelSlots:
                 return
             finally:
                 db.session.rollback()  # end the read transaction: no snapshot is held during a load
-            self._refreshed = True
             for name, key in wanted.items():
                 self._update(name, key)
             for name in set(self._models) - set(wanted):
@@ -237,6 +236,7 @@ class ModelSlots:
             for name in set(self._errors) - set(wanted):
                 del self._errors[name]
                 self._failed.pop(name, None)
+            self._refreshed = True  # only now is an empty slot empty, not still loading
 
     def close(self) -> None:
         """Empty every slot (the process is stopping, or a test is done)."""

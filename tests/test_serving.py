@@ -196,27 +196,28 @@ def test_requests_never_wait_for_a_load_on_the_poller_thread(polled_app, app, ot
     monkeypatch.setattr(serving, "load_version", gated)
     client = polled_app.test_client()
     predict = lambda: client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")  # noqa: E731
+    pool = ThreadPoolExecutor(1)  # requests on another thread: one that waited shows as a timeout
     try:
-        with ThreadPoolExecutor(1) as pool:
-            # Before the first load: answered at once, 503, while the poller is held in the load.
-            first = pool.submit(client.get, "/healthz").result(timeout=10)
-            assert first.status_code == 503 and first.get_json()["ready"] is False
-            assert loading.wait(10)
-            waiting = pool.submit(predict).result(timeout=10)
-            assert waiting.status_code == 503 and "no model is loaded yet" in waiting.get_json()["error"]["message"]
-            loading.clear()
-            release.set()
-            _wait_for(lambda: client.get("/healthz").status_code == 200)
-            release.clear()
-            with app.app_context():
-                model_store.import_model(other_model_file, name="other", activate=True)
-            assert loading.wait(10)
-            # The new version is loading: requests keep answering at once with the old one.
-            during = pool.submit(predict).result(timeout=10)
-            assert during.status_code == 200 and during.get_json()["model"]["name"] == "seed"
-            assert pool.submit(client.get, "/healthz").result(timeout=10).status_code == 200
-            release.set()
-            _wait_for(lambda: predict().get_json()["model"]["name"] == "other")
+        # Before the first load: answered at once, 503, while the poller is held in the load.
+        first = pool.submit(client.get, "/healthz").result(timeout=10)
+        assert first.status_code == 503 and first.get_json()["ready"] is False
+        assert loading.wait(10)
+        waiting = pool.submit(predict).result(timeout=10)
+        assert waiting.status_code == 503 and "no model is loaded yet" in waiting.get_json()["error"]["message"]
+        loading.clear()
+        release.set()
+        _wait_for(lambda: client.get("/healthz").status_code == 200)
+        release.clear()
+        with app.app_context():
+            model_store.import_model(other_model_file, name="other", activate=True)
+        assert loading.wait(10)
+        # The new version is loading: requests keep answering at once with the old one.
+        during = pool.submit(predict).result(timeout=10)
+        assert during.status_code == 200 and during.get_json()["model"]["name"] == "seed"
+        assert pool.submit(client.get, "/healthz").result(timeout=10).status_code == 200
+        release.set()
+        _wait_for(lambda: predict().get_json()["model"]["name"] == "other")
     finally:
         release.set()
+        pool.shutdown()
     assert loaded_on == ["model-registry-poller"] * 2
