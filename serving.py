@@ -310,6 +310,7 @@ class RegistryPoller:
         return self._first_round.wait(timeout)
 
     def stop(self, timeout: float | None = None) -> None:
+        """Stop polling (for good) and wait for a round under way to finish."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
