@@ -18,7 +18,7 @@ from database import db
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
-from serving import Upload, classify, clean_filename, spec_of
+from serving import Upload, clean_filename, spec_of
 from web.extensions import model_serving
 
 models_group = AppGroup("models", help="The model registry: import, list, activate, export, delete, check.")
@@ -169,13 +169,14 @@ def check_command() -> None:
 @click.option("--explain", is_flag=True, help="write where the model looked for the top class: IMAGE.saliency.png")
 def predict_command(images: tuple[Path, ...], top_k: int, explain: bool) -> None:
     """Classify image files with the active model and print the top classes."""
-    loaded = model_serving.holder.current()
-    if loaded is None:
-        _fail(model_serving.holder.error or "no model is active")
+    model_serving.refresh()  # a one-shot command: load here, no poller
     uploads = [Upload(clean_filename(str(path)), path.read_bytes()) for path in images]
     explain_side = heatmap.OVERLAY_MAX_SIDE if explain else 0
+    loaded = model_serving.slots.slot()
+    if loaded is None:
+        _fail(model_serving.slots.error())
     try:
-        result = classify(uploads, loaded, model_serving.budget, explain_side=explain_side)
+        result = model_serving.classify(uploads, loaded, explain_side=explain_side)
     except ImageError as exc:
         _fail(exc.message)
     click.echo(f"model {loaded.id}: {loaded.name} v{loaded.version} ({result.elapsed_ms:.1f} ms)")

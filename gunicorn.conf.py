@@ -1,4 +1,4 @@
-"""gunicorn settings for `make serve`: threaded workers, each loading and warming the model once.
+"""gunicorn settings for `make serve`: threaded workers, each with a thread that loads and warms the models.
 
 Environment: HOST (127.0.0.1), PORT (8000), WEB_WORKERS (2), WEB_THREADS (4), WEB_TIMEOUT (60);
 WEB_BIND (e.g. unix:instance/gunicorn.sock, as deploy/frontdoor.py sets it) replaces HOST and PORT.
@@ -35,11 +35,11 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Load and warm up the active model before the worker takes traffic."""
+    """Start the worker's registry poller; let its first load finish (or fail) before the worker
+    takes traffic, within half the worker timeout, so gunicorn does not kill a slow starter."""
     from web.extensions import model_serving
 
-    with worker.wsgi.app_context():
-        model_serving.holder.refresh()
+    model_serving.start(worker.wsgi, wait_seconds=timeout / 2)
 
 
 def child_exit(server, worker):

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests by route and status, latency, images per model call, the model served.
+"""Prometheus metrics: requests by route and status, latency, images per model call, the models served.
 
 `init_app` times every request of an app and counts it by route, method and status.
 
@@ -33,8 +33,8 @@ BATCH_SIZE = Histogram("imgcls_model_batch_size", "Images per model call.", buck
 IMAGES = Counter("imgcls_images_classified_total", "Images classified.")
 MODEL_LOADED = Gauge(
     "imgcls_model_loaded",
-    "1 for the model version this process serves.",
-    ["model_id", "name", "version"],
+    "1 for each model version this process serves, by slot.",
+    ["slot", "model_id", "name", "version"],
     multiprocess_mode="livemax",
 )
 
@@ -62,11 +62,12 @@ def _record_request(response):
     return response
 
 
-def model_switched(previous, current) -> None:
-    """Record which model version the process serves now."""
+def model_switched(slot: str, previous, current) -> None:
+    """Record which model version a slot serves now (`current` None: the slot was emptied)."""
     if previous is not None:
-        MODEL_LOADED.labels(str(previous.id), previous.name, str(previous.version)).set(0)
-    MODEL_LOADED.labels(str(current.id), current.name, str(current.version)).set(1)
+        MODEL_LOADED.labels(slot, str(previous.id), previous.name, str(previous.version)).set(0)
+    if current is not None:
+        MODEL_LOADED.labels(slot, str(current.id), current.name, str(current.version)).set(1)
 
 
 def exposition() -> tuple[bytes, str]:

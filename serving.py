@@ -1,14 +1,18 @@
-"""Per-process serving state: the active model, loaded once and swapped when another is activated.
+"""Per-process serving state: models held by named slot, loaded off the request path, and the
+decode-once path from an upload to answers.
 
-A request takes one `LoadedModel` reference and uses it for all its images, so every answer comes
-from one whole model even while another version is being activated.
+A slot ("champion" today: the registry's active version) holds one `LoadedModel`. Only
+`ModelSlots.refresh` reads the registry and loads; a `RegistryPoller` thread runs it, never a
+request. A request takes one `LoadedModel` reference and uses it for all its images, so every
+answer comes from one whole model even while another version is being loaded. An upload is
+decoded once into a `DecodedUpload` that any model of a prepared input size can score.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 import heatmap
 import model_store
@@ -24,6 +29,7 @@ from batching import MicroBatcher
 from calibration import Calibration
 from database import db
 from explain import Explainer, NoExplanation, Unexplainable, explainer_for
+from image_statistics import ImageStatistics, image_statistics
 from model_sandbox import ImportLimits
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
@@ -41,6 +47,11 @@ from predictor import (
 )
 
 log = logging.getLogger(__name__)
+
+# The slot that answers requests: the registry's active version.
+CHAMPION = "champion"
+# What identifies a served state in the registry: a version's id, sha256 and calibration time.
+SlotKey = tuple[int, str, datetime | None]
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ class LoadedModel:
     calibrated_at: datetime | None = None
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> SlotKey:
         """What identifies the served state in the registry: the version and its calibration."""
         return self.id, self.sha256, self.calibrated_at
 
@@ -77,6 +88,11 @@ class LoadedModel:
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.predictor.spec.class_names
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (width, height) of the images the model takes."""
+        return self.predictor.spec.image_size
 
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "sha256": self.sha256}
@@ -90,6 +106,14 @@ class LoadedModel:
             scores = self.predictor.score_arrays(images)
         monitoring.IMAGES.inc(len(images))
         return to_predictions(self.class_names, scores, self.calibration)
+
+    def score(self, decoded: Sequence[DecodedUpload]) -> list[Prediction]:
+        """Ranked predictions for decoded uploads, in one model call, from their input at this model's size."""
+        return self.predict(self.batch(decoded))
+
+    def batch(self, decoded: Sequence[DecodedUpload]) -> np.ndarray:
+        """The decoded uploads' inputs at this model's size, as one uint8 batch."""
+        return np.stack([item.pixels(self.input_size) for item in decoded])
 
     def explain(self, images: np.ndarray, class_names: list[str]) -> np.ndarray:
         """Grad-CAM maps for a uint8 batch, one class per image; NoExplanation when there can be none."""
@@ -130,86 +154,175 @@ def load_version(
     return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, explainer, batcher, calibrated_at)
 
 
-class ModelHolder:
-    """Keeps this process's loaded model in step with the registry's active row.
+def registry_assignments() -> dict[str, SlotKey]:
+    """Which version each slot should serve, read from the registry: the active version is the
+    champion. A calibration's time is part of the key, so a new calibration reloads the model."""
+    active = db.session.execute(
+        select(ModelVersion.id, ModelVersion.sha256, ModelCalibration.created_at)
+        .outerjoin(ModelCalibration, ModelCalibration.model_id == ModelVersion.id)
+        .where(ModelVersion.is_active.is_(True))
+    ).first()
+    return {CHAMPION: tuple(active)} if active else {}
 
-    The registry is asked for the active id at most every `poll_seconds`; a change loads the new
-    version beside the old one and swaps the reference. A version that fails to load is reported
-    (`error`) while the last good model keeps serving.
+
+class ModelSlots:
+    """This process's models by slot name, kept in step with what the registry assigns.
+
+    Readers (request threads) only take references: `slot(name)` is the model a slot holds now.
+    `refresh` (the poller's thread, a CLI command, a test) reads the registry in the caller's
+    database session and loads every slot whose version changed beside the model in hand, then
+    swaps the reference. A version that fails to load is reported (`error`) while the slot's last
+    good model keeps serving; a slot the registry no longer names is emptied.
     """
 
     def __init__(
         self,
         directory: Path,
-        poll_seconds: float = 1.0,
         batching: BatchingConfig = BatchingConfig(),
         limits: ImportLimits | None = None,
+        assignments: Callable[[], Mapping[str, SlotKey]] = registry_assignments,
     ):
         self.directory = directory
-        self.poll_seconds = poll_seconds
         self.batching = batching
         self.limits = limits
-        self.error: str | None = None
-        self._loaded: LoadedModel | None = None
-        self._failed: tuple | None = None
-        self._checked_at = float("-inf")
+        self._assignments = assignments
+        # Replaced whole, never changed in place: a reader sees the old mapping or the new one.
+        self._models: Mapping[str, LoadedModel] = {}
+        self._errors: dict[str, str] = {}
+        self._failed: dict[str, SlotKey] = {}
+        self._registry_error: str | None = None
+        self._refreshed = False
         self._lock = threading.Lock()
 
-    def current(self) -> LoadedModel | None:
-        """The model to answer with now (refreshing from the registry when due)."""
-        if self._loaded is None or time.monotonic() - self._checked_at >= self.poll_seconds:
-            self.refresh()
-        return self._loaded
+    def slot(self, name: str = CHAMPION) -> LoadedModel | None:
+        """The model a slot holds now, or None."""
+        return self._models.get(name)
+
+    def loaded(self) -> Mapping[str, LoadedModel]:
+        """Every loaded slot's model, as one consistent snapshot."""
+        return self._models
+
+    def error(self, name: str = CHAMPION) -> str | None:
+        """Why a slot cannot serve, or serves an older version than the registry assigns; None when all is well."""
+        error = self._registry_error or self._errors.get(name)
+        if error or name in self._models:
+            return error
+        if not self._refreshed:
+            return "no model is loaded yet: the worker is loading it"
+        if name == CHAMPION:
+            return "no model is active: import one with `flask models import`"
+        return f"no model is assigned to the {name} slot"
+
+    def errors(self) -> dict[str, str]:
+        """The slots that cannot serve their assigned version, and why."""
+        return dict(self._errors)
 
     def refresh(self) -> None:
-        """Load the registry's active version if it is not the one in hand.
+        """Load every slot's assigned version that is not the one in hand (needs an app context)."""
+        with self._lock:
+            try:
+                wanted = dict(self._assignments())
+                self._registry_error = None
+            except SQLAlchemyError as exc:  # keep serving what is loaded; report why nothing changes
+                self._registry_error = f"the model registry cannot be read: {exc.__class__.__name__}"
+                log.error("%s: %s", self._registry_error, exc)
+                return
+            finally:
+                db.session.rollback()  # end the read transaction: no snapshot is held during a load
+            for name, key in wanted.items():
+                self._update(name, key)
+            for name in set(self._models) - set(wanted):
+                self._swap(name, None)
+            for name in set(self._errors) - set(wanted):
+                del self._errors[name]
+                self._failed.pop(name, None)
+            self._refreshed = True  # only now is an empty slot empty, not still loading
 
-        Only the very first load makes other threads wait; later, while one thread loads a new
-        version, the others keep answering with the model in hand.
-        """
-        if not self._lock.acquire(blocking=self._loaded is None):
+    def close(self) -> None:
+        """Empty every slot (the process is stopping, or a test is done)."""
+        with self._lock:
+            for name in list(self._models):
+                self._swap(name, None)
+
+    def _update(self, name: str, key: SlotKey) -> None:
+        current = self._models.get(name)
+        if current is not None and current.key == key:
+            self._errors.pop(name, None)
+            self._failed.pop(name, None)
             return
-        try:
-            self._checked_at = time.monotonic()
-            # A new calibration of the served model counts as a change: it is reloaded with it.
-            active = db.session.execute(
-                select(ModelVersion.id, ModelVersion.sha256, ModelCalibration.created_at)
-                .outerjoin(ModelCalibration, ModelCalibration.model_id == ModelVersion.id)
-                .where(ModelVersion.is_active.is_(True))
-            ).first()
-            db.session.rollback()  # end the read transaction so the next poll sees new commits
-            if active is None:
-                self.error = None if self._loaded else "no model is active: import one with `flask models import`"
-                return
-            model_id, sha, calibrated_at = active
-            if self._loaded is not None and self._loaded.key == (model_id, sha, calibrated_at):
-                self.error = None
-                return
-            if (sha, calibrated_at) != self._failed:
-                self._load(model_id, sha, calibrated_at)
-        finally:
-            self._lock.release()
-
-    def _load(self, model_id: int, sha: str, calibrated_at) -> None:
+        if self._failed.get(name) == key:
+            return  # a version that failed is retried when the registry changes, not on every poll
+        model_id = key[0]
         try:
             row = db.session.get(ModelVersion, model_id)
             if row is None:
-                raise ModelStoreError(f"model {model_id} was deleted while being activated")
-            loaded = load_version(row, self.directory, self.batching, calibrated_at, self.limits)
+                raise ModelStoreError(f"model {model_id} was deleted while being loaded")
+            loaded = load_version(row, self.directory, self.batching, key[2], self.limits)
         except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
-            self._failed = (sha, calibrated_at)
-            self.error = f"the active model (id {model_id}) cannot be served: {exc}"
-            log.error(self.error)
+            self._failed[name] = key
+            self._errors[name] = f"the {name} model (id {model_id}) cannot be served: {exc}"
+            log.error(self._errors[name])
             return
         finally:
             db.session.rollback()
-        previous, self._loaded = self._loaded, loaded
+        self._swap(name, loaded)
+        self._errors.pop(name, None)
+        self._failed.pop(name, None)
+        log.info("serving model %s (%s v%s) in the %s slot", loaded.id, loaded.name, loaded.version, name)
+
+    def _swap(self, name: str, loaded: LoadedModel | None) -> None:
+        models = dict(self._models)
+        previous = models.pop(name, None)
+        if loaded is not None:
+            models[name] = loaded
+        self._models = models
         if previous is not None:
-            previous.close()  # requests still holding it finish on it; new ones use `loaded`
-        monitoring.model_switched(previous, loaded)
-        self._failed = None
-        self.error = None
-        log.info("serving model %s (%s v%s)", loaded.id, loaded.name, loaded.version)
+            previous.close()  # requests still holding it finish on it; new ones take the new one
+        monitoring.model_switched(name, previous, loaded)
+
+
+class RegistryPoller:
+    """A daemon thread that calls `refresh` at once, then every `interval` seconds until stopped.
+
+    The first round is what a new worker waits for (`wait_first_round`) before it takes traffic.
+    """
+
+    def __init__(self, refresh: Callable[[], None], interval: float):
+        self._refresh = refresh
+        self.interval = interval
+        self._stopping = threading.Event()
+        self._first_round = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the thread unless it runs (safe to call on every request: it is cheap)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            # After a fork the child's copy of the thread is dead: the child starts its own.
+            if (self._thread is None or not self._thread.is_alive()) and not self._stopping.is_set():
+                self._thread = threading.Thread(target=self._run, name="model-registry-poller", daemon=True)
+                self._thread.start()
+
+    def wait_first_round(self, timeout: float) -> bool:
+        """Wait until the first refresh has finished (loaded or failed); False on timeout."""
+        return self._first_round.wait(timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop polling (for good) and wait for a round under way to finish."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._refresh()
+            except Exception:  # the thread must outlive any one failed round
+                log.exception("refreshing the served models failed")
+            self._first_round.set()
+            self._stopping.wait(self.interval)
 
 
 @dataclass(frozen=True)
@@ -295,67 +408,102 @@ def _open_within_budget(uploads: list[Upload], min_side: int, budget: DecodeBudg
 
 
 @dataclass(frozen=True)
-class _Decoded:
-    pixels: np.ndarray
-    thumbnail: bytes | None
-    photo: Image.Image | None
+class DecodedUpload:
+    """An upload decoded once: its model input at each prepared (width, height) and that input's
+    statistics, its sha256, and the thumbnail and overlay photo when asked for. Every model with
+    one of the prepared input sizes scores it without decoding again."""
+
+    filename: str
+    sha256: str
+    inputs: Mapping[tuple[int, int], np.ndarray]
+    input_statistics: Mapping[tuple[int, int], ImageStatistics]
+    thumbnail: bytes | None = None
+    photo: Image.Image | None = None
+
+    def pixels(self, size: tuple[int, int]) -> np.ndarray:
+        """The uint8 H x W x 3 model input at `size`; a ValueError if it was not prepared."""
+        if size not in self.inputs:
+            raise ValueError(f"{self.filename} was decoded for input sizes {sorted(self.inputs)}, not {size}")
+        return self.inputs[size]
+
+    def statistics(self, size: tuple[int, int]) -> ImageStatistics:
+        """Brightness, saturation and sharpness of the model input at `size`."""
+        self.pixels(size)  # the same clear error for a size not prepared
+        return self.input_statistics[size]
 
 
-def _decode(
-    upload: Upload, image: Image.Image, size: tuple[int, int], thumbnail_side: int, explain_side: int
-) -> _Decoded:
-    try:
-        rgb = decode_rgb(image, size, max(thumbnail_side, explain_side))
-    except ImageError as exc:
-        raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
-    thumbnail = thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None
-    return _Decoded(model_input(rgb, size), thumbnail, heatmap.bounded(rgb, explain_side) if explain_side else None)
-
-
-def classify(
-    uploads: list[Upload], loaded: LoadedModel, budget: DecodeBudget, thumbnail_side: int = 0, explain_side: int = 0
-) -> Classification:
-    """Decode every upload within the budget and predict them in one model call; an ImageError
-    names the file at fault. With `explain_side`, each image also gets the saliency map of its
-    top class, drawn over the photo at most `explain_side` pixels a side (one more call, for the
-    whole batch)."""
-    started = time.perf_counter()
-    size = loaded.predictor.spec.image_size
-    opened = _open_within_budget(uploads, decode_side(size, max(thumbnail_side, explain_side)), budget)
+def decode_uploads(
+    uploads: list[Upload],
+    sizes: Iterable[tuple[int, int]],
+    budget: DecodeBudget,
+    thumbnail_side: int = 0,
+    explain_side: int = 0,
+) -> list[DecodedUpload]:
+    """Decode every upload once, within the budget, into model input at each of `sizes` (the
+    input sizes of the models that will score it); an ImageError names the file at fault.
+    `thumbnail_side` adds a JPEG thumbnail, `explain_side` the photo a saliency map is drawn over."""
+    sizes = tuple(dict.fromkeys(sizes))
+    if not sizes:
+        raise ValueError("decoding needs at least one model input size")
+    largest = max(sizes, key=max)  # decoding keeps enough pixels for the largest input
+    keep_side = max(thumbnail_side, explain_side)
+    opened = _open_within_budget(uploads, decode_side(largest, keep_side), budget)
     decoded = []
     for upload, image in zip(uploads, opened, strict=True):
         with budget.decodes:  # a decoded image is the costly part: few at once per process
-            decoded.append(_decode(upload, image, size, thumbnail_side, explain_side))
-    batch = np.stack([item.pixels for item in decoded])
-    predictions = loaded.predict(batch)
-    saliencies: list[Saliency | None] = [None] * len(uploads)
+            try:
+                rgb = decode_rgb(image, largest, keep_side)
+            except ImageError as exc:
+                raise ImageError(f"{upload.filename}: {exc.message}", exc.code) from exc
+            decoded.append(_prepared(upload, rgb, sizes, thumbnail_side, explain_side))
+    return decoded
+
+
+def _prepared(
+    upload: Upload, rgb: Image.Image, sizes: tuple[tuple[int, int], ...], thumbnail_side: int, explain_side: int
+) -> DecodedUpload:
+    """What the models and pages need from a decoded image; the full decoded image is not kept."""
+    inputs = {size: model_input(rgb, size) for size in sizes}
+    return DecodedUpload(
+        upload.filename,
+        model_store.sha256_of(upload.data),
+        inputs,
+        {size: image_statistics(pixels) for size, pixels in inputs.items()},
+        thumbnail_jpeg(rgb, thumbnail_side) if thumbnail_side else None,
+        heatmap.bounded(rgb, explain_side) if explain_side else None,
+    )
+
+
+def answer(
+    decoded: list[DecodedUpload], loaded: LoadedModel, explain: bool = False
+) -> tuple[list[ClassifiedImage], str | None]:
+    """One model's ClassifiedImages for decoded uploads, in one model call; with `explain`, each
+    gets the saliency map of its top class over its photo (one more call for the batch), or the
+    reason there is none comes second."""
+    predictions = loaded.score(decoded)
+    saliencies: list[Saliency | None] = [None] * len(decoded)
     no_explanation = None
-    if explain_side:
+    if explain:
         try:
-            saliencies = _saliencies(loaded, batch, [p.top_class for p in predictions], decoded)
+            saliencies = _saliencies(loaded, decoded, [p.top_class for p in predictions])
         except NoExplanation as exc:
             no_explanation = exc.message
     images = [
-        ClassifiedImage(upload.filename, model_store.sha256_of(upload.data), prediction, item.thumbnail, None, saliency)
-        for upload, prediction, item, saliency in zip(uploads, predictions, decoded, saliencies, strict=True)
+        ClassifiedImage(item.filename, item.sha256, prediction, item.thumbnail, None, saliency)
+        for item, prediction, saliency in zip(decoded, predictions, saliencies, strict=True)
     ]
-    return Classification(images, (time.perf_counter() - started) * 1000, no_explanation)
+    return images, no_explanation
 
 
-def _saliencies(loaded: LoadedModel, batch: np.ndarray, class_names: list[str], decoded: list[_Decoded]) -> list:
-    grids = loaded.explain(batch, class_names)
-    size = loaded.predictor.spec.image_size
+def _saliencies(loaded: LoadedModel, decoded: list[DecodedUpload], class_names: list[str]) -> list[Saliency]:
+    grids = loaded.explain(loaded.batch(decoded), class_names)
     return [
-        Saliency(name, grid, heatmap.overlay_png(item.photo, grid, size))
+        Saliency(name, grid, heatmap.overlay_png(item.photo, grid, loaded.input_size))
         for name, grid, item in zip(class_names, grids, decoded, strict=True)
     ]
 
 
 def explain_image(loaded: LoadedModel, data: bytes, class_name: str, budget: DecodeBudget, side: int) -> Saliency:
     """The saliency map of one class for one image (a recorded thumbnail, say)."""
-    upload = Upload("image", data)
-    size = loaded.predictor.spec.image_size
-    (image,) = _open_within_budget([upload], decode_side(size, side), budget)
-    with budget.decodes:
-        item = _decode(upload, image, size, 0, side)
-    return _saliencies(loaded, item.pixels[None], [class_name], [item])[0]
+    (item,) = decode_uploads([Upload("image", data)], [loaded.input_size], budget, explain_side=side)
+    return _saliencies(loaded, [item], [class_name])[0]

@@ -114,13 +114,13 @@ def load(
 
 def in_process_rate(model_path: Path, batch: int = 64, seconds: float = 5.0) -> float:
     """The model's own images/s at batch 64 through the serving Predictor (TTA included)."""
-    import model_store
     from app import create_app
-    from serving import load_version
+    from web.extensions import model_serving
 
     app = create_app()
+    model_serving.refresh(app)  # loads the champion here, as a worker's poller does
     with app.app_context():
-        loaded = load_version(model_store.get_active(), Path(app.config["MODEL_CACHE_DIR"]))
+        loaded = model_serving.slot()
     height, width, _ = loaded.predictor.spec.input_shape
     images = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
     loaded.predictor.predict_arrays(images)

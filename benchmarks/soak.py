@@ -64,22 +64,18 @@ def expected_answers(instance: Path) -> dict[int, list[dict[str, float]]]:
     os.environ["INSTANCE_PATH"] = str(instance)
     import model_store
     from app import create_app
-    from serving import load_version
+    from serving import DecodeBudget, Upload, decode_uploads, load_version
 
     app = create_app()
     answers = {}
+    uploads = [Upload(f"{i}.jpg", data) for i, data in enumerate(VALID_IMAGES)]
     with app.app_context():
         for row in model_store.list_models():
+            # Every version, not only the served one: loaded here, scored on the serving path.
             loaded = load_version(row, Path(app.config["MODEL_CACHE_DIR"]))
-            batch = np.stack([_decode(data, loaded) for data in VALID_IMAGES])
-            answers[row.id] = [p.probabilities for p in loaded.predict(batch)]
+            decoded = decode_uploads(uploads, [loaded.input_size], DecodeBudget())
+            answers[row.id] = [p.probabilities for p in loaded.score(decoded)]
     return answers
-
-
-def _decode(data: bytes, loaded) -> np.ndarray:
-    from predictor import decode_image
-
-    return decode_image(data, loaded.predictor.spec.image_size)
 
 
 def add_second_model(instance: Path) -> None:

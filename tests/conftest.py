@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import POSTGRES_URL, build_seed_like_model
+from helpers import POSTGRES_URL, build_seed_like_model, serve_registry
 
 import model_store
 from app import create_app
@@ -101,10 +101,11 @@ def bare_app(make_app) -> Flask:
 
 @pytest.fixture
 def app(bare_app, seed_model_file) -> Flask:
-    """The app with its schema created by the migrations and the seed-like model active."""
+    """The app with its schema created by the migrations and the seed-like model active and served."""
     with bare_app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
+    serve_registry(bare_app)
     return bare_app
 
 

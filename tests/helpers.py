@@ -63,9 +63,17 @@ FORCED = {
 }
 
 
+def serve_registry(app) -> None:
+    """Load what the registry assigns now, as a worker's poller does on its next round (the
+    tests run without pollers: MODEL_POLL_SECONDS is 0)."""
+    from web.extensions import model_serving
+
+    model_serving.refresh(app)
+
+
 def force_calibration(app, confidence_threshold: float, ood_threshold: float) -> dict:
     """Calibrate the active model for real on random images, then store the record with the
-    given thresholds (see FORCED); returns the stored record."""
+    given thresholds (see FORCED) and serve it; returns the stored record."""
     from calibrate import calibrate_model
     from serving import spec_of
 
@@ -79,6 +87,7 @@ def force_calibration(app, confidence_threshold: float, ood_threshold: float) ->
         record["confidence_threshold"] = confidence_threshold
         record["ood"]["threshold"] = ood_threshold
         model_store.set_calibration(row.id, record)
+    serve_registry(app)
     return record
 
 

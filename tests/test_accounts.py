@@ -4,7 +4,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import bearer, classify, image_bytes, login, make_key, make_user, random_image_bytes
+from helpers import bearer, classify, image_bytes, login, make_key, make_user, random_image_bytes, serve_registry
 from sqlalchemy import select, text
 
 import accounts
@@ -163,6 +163,7 @@ def test_anonymous_access_can_be_turned_off(make_app, seed_model_file):
     runner = app.test_cli_runner()
     assert runner.invoke(args=["init-db"]).exit_code == 0
     assert runner.invoke(args=["models", "import", str(seed_model_file), "--activate"]).exit_code == 0
+    serve_registry(app)
     client = app.test_client()
     response = client.get("/history")
     assert response.status_code == 302 and "/login" in response.headers["Location"]

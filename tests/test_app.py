@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CIFAR10, image_bytes, random_image_bytes
+from helpers import CIFAR10, image_bytes, random_image_bytes, serve_registry
 
 import model_store
 
@@ -166,6 +166,7 @@ def test_activation_is_picked_up_without_restart(app, client, other_model_file):
     first = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").get_json()
     with app.app_context():
         other = model_store.import_model(other_model_file, name="other", activate=True).to_dict()
+    serve_registry(app)
     second = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").get_json()
     assert first["model"]["name"] == "seed"
     assert second["model"] == {"id": other["id"], "name": "other", "version": 1, "sha256": other["sha256"]}
@@ -175,6 +176,7 @@ def test_activation_is_picked_up_without_restart(app, client, other_model_file):
 def test_class_names_come_from_the_database(app, client, three_class_model_file):
     with app.app_context():
         model_store.import_model(three_class_model_file, class_names=["cat", "dog", "cow"], activate=True)
+    serve_registry(app)
     prediction = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").get_json()
     assert set(prediction["predictions"][0]["probabilities"]) == {"cat", "dog", "cow"}
     html = post_page(client, ("x.jpg", image_bytes())).get_data(as_text=True)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import image_bytes, random_image_bytes
+from helpers import image_bytes, random_image_bytes, serve_registry
 
 from batching import MicroBatcher
 
@@ -64,7 +64,9 @@ def test_full_batches_skip_the_queue_and_closed_batchers_answer_directly():
 @pytest.fixture
 def batching_app(app, make_app):
     """A second app on the same database as `app`, with dynamic batching on."""
-    return make_app(instance="batching", BATCHING_ENABLED=True, BATCH_MAX_WAIT_MS=20)
+    batching = make_app(instance="batching", BATCHING_ENABLED=True, BATCH_MAX_WAIT_MS=20)
+    serve_registry(batching)
+    return batching
 
 
 def test_batched_api_answers_equal_unbatched(app, batching_app):
@@ -98,4 +100,4 @@ def test_metrics_endpoint_counts_requests(client):
     assert 'imgcls_http_requests_total{method="POST",route="/api/v1/predict",status="200"}' in text
     assert 'status="415"' in text
     assert "imgcls_http_request_duration_seconds_bucket" in text
-    assert 'imgcls_model_loaded{model_id="1",name="seed",version="1"} 1.0' in text
+    assert 'imgcls_model_loaded{model_id="1",name="seed",slot="champion",version="1"} 1.0' in text

@@ -6,7 +6,7 @@ again on PostgreSQL."""
 
 import pytest
 from flask_migrate import upgrade
-from helpers import image_bytes, login, make_user
+from helpers import image_bytes, login, make_user, serve_registry
 from sqlalchemy import text
 
 import model_store
@@ -49,6 +49,7 @@ def test_top_k_must_be_an_ascii_decimal_within_bounds(client, top_k):
 def _predict_then_delete_the_model(app, client, other_model_file) -> int:
     with app.app_context():
         other_id = model_store.import_model(other_model_file, name="other", activate=True).id
+    serve_registry(app)
     prediction_id = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").get_json()[
         "predictions"
     ][0]["id"]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import image_bytes
+from helpers import image_bytes, serve_registry
 from PIL import Image
 
 import serving
@@ -29,6 +29,7 @@ def post(client, *contents: bytes):
 
 def test_a_request_over_the_pixel_budget_is_413_before_decoding(make_app, app):
     budgeted = make_app(MAX_REQUEST_PIXELS=1_000_000)
+    serve_registry(budgeted)
     client = budgeted.test_client()
     one = image_bytes("PNG", size=(800, 800))  # 640,000 pixels: one fits, two do not
     assert post(client, one).status_code == 200
@@ -41,7 +42,9 @@ def test_a_request_over_the_pixel_budget_is_413_before_decoding(make_app, app):
 
 
 def test_jpeg_counts_at_the_size_draft_decoding_produces(make_app, app):
-    client = make_app(MAX_REQUEST_PIXELS=1_000_000).test_client()
+    budgeted = make_app(MAX_REQUEST_PIXELS=1_000_000)
+    serve_registry(budgeted)
+    client = budgeted.test_client()
     photo = image_bytes("JPEG", size=(4000, 3000))  # 12 MP, decoded at 1/8 scale: 500 x 375
     assert post(client, photo, photo).status_code == 200
     assert post(client, image_bytes("PNG", size=(1200, 1000))).status_code == 413
@@ -73,6 +76,7 @@ def test_thirty_two_bit_images_are_reduced_then_stretched():
 
 def test_decodes_at_once_are_capped_per_process(make_app, app, monkeypatch):
     budgeted = make_app(MAX_CONCURRENT_DECODES=2)
+    serve_registry(budgeted)
     running, most = 0, 0
     lock = threading.Lock()
     real_decode = serving.decode_rgb

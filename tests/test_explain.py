@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import random_image_bytes
+from helpers import random_image_bytes, serve_registry
 from PIL import Image
 
 import explain
@@ -66,6 +66,7 @@ def _app_with(make_app, model_file, **import_options):
     with app.app_context():
         model_store.init_db()
         model_store.import_model(model_file, name=model_file.stem, **import_options)
+    serve_registry(app)
     return app
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import build_seed_like_model, image_bytes, random_image_bytes
+from helpers import build_seed_like_model, image_bytes, random_image_bytes, serve_registry
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -261,6 +261,7 @@ def test_corrupt_active_model_keeps_the_last_good_one_serving(app, client, other
     assert client.get("/healthz").status_code == 200
     with app.app_context():
         broken_id = _corrupt_and_activate(other_model_file)
+    serve_registry(app)
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 200 and response.get_json()["model"]["name"] == "seed"
     health = client.get("/healthz")
@@ -274,6 +275,8 @@ def test_corrupt_active_model_at_start_up_is_reported_not_crashed(app, make_app,
         _corrupt_and_activate(other_model_file)
     fresh = make_app(MODEL_CACHE_DIR=str(Path(app.instance_path) / "fresh-cache"))
     client = fresh.test_client()
+    assert client.get("/healthz").status_code == 503  # nothing loaded yet
+    serve_registry(fresh)
     assert client.get("/healthz").status_code == 503
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 503 and "corrupt" in response.get_json()["error"]["message"]
@@ -306,11 +309,12 @@ def test_activation_during_requests_answers_with_one_whole_model(app, other_mode
         }
     stop = threading.Event()
 
-    def switch():
+    def switch():  # what a worker's poller does between the requests
         with app.app_context():
             while not stop.is_set():
                 for model_id in ids.values():
                     model_store.activate(model_id)
+                    serve_registry(app)
 
     switcher = threading.Thread(target=switch)
     switcher.start()
@@ -367,7 +371,7 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
             np.zeros((1, 32, 32, 3), np.uint8)
         )
     with app.app_context():
-        loaded = model_serving.holder.current()
+        loaded = model_serving.slot()
     loaded.predictor.model.layers[-1].kernel.assign(np.full((loaded.predictor.model.layers[-1].kernel.shape), np.nan))
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
@@ -386,6 +390,7 @@ def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(serving.model_store, "rehydrate", disk_full)
+    serve_registry(app)
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 200 and response.get_json()["model"]["name"] == "seed"
     health = client.get("/healthz")
@@ -395,6 +400,7 @@ def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_
 def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_file):
     with app.app_context():
         other_id = model_store.import_model(other_model_file, name="other", activate=True).id
+    serve_registry(app)
     assert client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").status_code == 200
     with app.app_context():
         seed_id = next(r.id for r in model_store.list_models() if r.name == "seed")

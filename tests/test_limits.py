@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import bearer, classify, image_bytes, login, make_key, make_user
+from helpers import bearer, classify, image_bytes, login, make_key, make_user, serve_registry
 
 import model_store
 
@@ -26,6 +26,7 @@ def limited_app(make_app, seed_model_file):
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
+    serve_registry(app)
     return app
 
 

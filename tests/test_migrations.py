@@ -2,6 +2,7 @@
 
 from alembic.script import ScriptDirectory
 from flask_migrate import upgrade
+from helpers import serve_registry
 from sqlalchemy import inspect, text
 
 import model_store
@@ -54,6 +55,7 @@ def test_the_page_works_on_a_migrated_database(bare_app, seed_model_file):
     with bare_app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file)
+    serve_registry(bare_app)
     client = bare_app.test_client()
     assert client.get("/history").status_code == 200
     assert client.get("/healthz").status_code == 200

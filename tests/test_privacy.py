@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from helpers import classify, image_bytes
+from helpers import classify, image_bytes, serve_registry
 from PIL import Image
 from sqlalchemy import text
 
@@ -51,6 +51,7 @@ def test_instance_folder_database_and_secret_key_are_private(make_app, seed_mode
     runner = app.test_cli_runner()
     assert runner.invoke(args=["init-db"]).exit_code == 0
     assert runner.invoke(args=["models", "import", str(seed_model_file), "--activate"]).exit_code == 0
+    serve_registry(app)
     client = app.test_client()
     assert classify(client, image_bytes()).status_code == 200
     assert _mode(instance) == 0o700
@@ -130,6 +131,7 @@ def test_forms_post_over_https_with_csrf_and_the_referrer_policy(make_app, seed_
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, activate=True)
+    serve_registry(app)
     client = app.test_client()
     page = client.get("/", base_url="https://localhost")
     assert page.headers["Referrer-Policy"] == "same-origin"

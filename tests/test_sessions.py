@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask_migrate import upgrade
-from helpers import bearer, classify, login, make_key, make_user, random_image_bytes
+from helpers import bearer, classify, login, make_key, make_user, random_image_bytes, serve_registry
 from itsdangerous import TimestampSigner
 from sqlalchemy import select, text
 from werkzeug.security import generate_password_hash
@@ -236,6 +236,7 @@ def test_the_anonymous_owner_cookie_lasts_as_long_as_the_predictions(make_app, a
     cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith(ANONYMOUS_COOKIE + "="))
     assert f"Max-Age={30 * 86400}" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
     forever = make_app(instance="forever", RETENTION_DAYS=0)
+    serve_registry(forever)
     response = classify(forever.test_client(), random_image_bytes(), route="/")
     assert f"Max-Age={400 * 86400}" in response.headers["Set-Cookie"]
 
@@ -287,6 +288,7 @@ def test_retention_days_zero_purges_nothing_and_all_needs_confirming(make_app, s
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
+    serve_registry(app)
     prediction_id = predict_id(app.test_client(), 1)
     with app.app_context():
         predictions.get(prediction_id).created_at = datetime.now(UTC) - timedelta(days=400)

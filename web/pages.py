@@ -19,7 +19,6 @@ import predictions
 import reports
 from calibration import DECISIONS, ECE_BINS
 from database import db
-from serving import explain_image
 from web.auth import current_viewer, is_operator, require_page_login
 from web.errors import describe, html_error
 from web.extensions import model_serving
@@ -121,9 +120,9 @@ def prediction_explain(prediction_id: int):
     row = predictions.get(prediction_id, current_viewer())
     if not row.thumbnail:
         abort(404, "This image was not kept (KEEP_IMAGES is off), so no map can be drawn for it.")
-    loaded = model_serving.active()
+    loaded = model_serving.slot()
     class_name = request.args.get("class") or row.top_class
-    saliency = explain_image(loaded, row.thumbnail, class_name, model_serving.budget, PAGE_OVERLAY_SIDE)
+    saliency = model_serving.explain_image(loaded, row.thumbnail, class_name, PAGE_OVERLAY_SIDE)
     return render_template("explain.html", prediction=row, saliency=saliency, answered_by=loaded)
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 from flask import current_app, request
 
 import predictions
-from serving import Classification, LoadedModel, Upload, classify, clean_filename
+from serving import Classification, LoadedModel, Upload, clean_filename
 from web.auth import current_viewer
 from web.errors import WebError
 from web.extensions import model_serving
@@ -39,15 +39,15 @@ def uploads_from_request(field: str = "image") -> list[Upload]:
 
 
 def classify_request(source: str, thumbnails: bool, explain_side: int = 0) -> tuple[LoadedModel, Classification]:
-    """Classify the request's images with the active model; each image carries its history id
+    """Classify the request's images with the champion; each image carries its history id
     once recorded. Thumbnails are made when asked or when the history keeps them; with
     `explain_side`, saliency maps of the top classes too."""
     config = current_app.config
     uploads = uploads_from_request()
     keep_images = bool(config["KEEP_IMAGES"])
-    loaded = model_serving.active()
+    loaded = model_serving.slot()
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
-    result = classify(uploads, loaded, model_serving.budget, side, explain_side)
+    result = model_serving.classify(uploads, loaded, side, explain_side)
     if config["RECORD_HISTORY"]:
         owner = current_viewer(create_session=True)
         recorded = predictions.record(result.images, loaded, source, keep_images, owner)
