@@ -36,6 +36,8 @@ DEFAULTS = {
     "MODEL_IMPORT_MEMORY_BYTES": ImportLimits.memory_bytes,
     "MODEL_IMPORT_CPU_SECONDS": ImportLimits.cpu_seconds,
     "MODEL_IMPORT_SANDBOX": True,
+    # The child in bubblewrap's namespaces; false keeps its limits but runs it without them.
+    "MODEL_IMPORT_CONFINE": True,
     "MODEL_POLL_SECONDS": 1.0,
     "BATCHING_ENABLED": False,
     "BATCH_MAX_SIZE": 64,
