@@ -21,7 +21,7 @@ from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, errors, ops, pages, privacy
+from web import api, auth, credentials, errors, ops, pages, privacy
 from web.extensions import csrf, limiter, model_serving
 
 DEFAULTS = {
@@ -58,7 +58,10 @@ DEFAULTS = {
     "RATELIMIT_ENABLED": True,
     "RATELIMIT_STORAGE_URI": "memory://",
     "RATELIMIT_HEADERS_ENABLED": True,
+    # Counted in images: an image with a saliency map counts EXPLAIN_COST (web/limits.py).
     "PREDICT_RATE_LIMIT": "120 per minute",
+    "EXPLAIN_COST": 2,
+    "MAX_EXPLAINED_IMAGES": 4,  # per API request with explain=1
     "LOGIN_RATE_LIMIT": "5 per minute",
 }
 
@@ -102,6 +105,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     csrf.init_app(app)
     limiter.init_app(app)
     auth.init_app(app)
+    credentials.init_app(app)
     privacy.init_app(app)
     model_serving.init_app(app)
     monitoring.init_app(app)

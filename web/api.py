@@ -18,7 +18,7 @@ from serving import ClassifiedImage
 from web.auth import is_operator, require_api_caller
 from web.errors import WebError, json_error
 from web.extensions import csrf
-from web.limits import predict_limit
+from web.limits import images_sent, predict_limit
 from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
@@ -80,6 +80,11 @@ def _prediction(image: ClassifiedImage, top_k: int | None, explain: bool) -> dic
 @predict_limit
 def predict():
     top_k, explain = _top_k(), _explain()
+    most = current_app.config["MAX_EXPLAINED_IMAGES"]
+    # Each map is a PNG of up to 1024 pixels a side (about 3 MB in base64 for a noisy photo): the
+    # cap bounds the work and the answer's size before any image is decoded.
+    if explain and images_sent() > most:
+        raise WebError(f"explain=1 is for at most {most} images per request: send the others apart.", "too_many_images")
     answered_by, result = classify_request("api", thumbnails=False, explain_side=heatmap.OVERLAY_MAX_SIDE * explain)
     answer = {"model": answered_by.describe(), "elapsed_ms": round(result.elapsed_ms, 2)}
     if explain:

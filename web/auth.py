@@ -7,7 +7,6 @@ to false; left at its default, a server bound to an address other than loopback 
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import secrets
@@ -17,6 +16,7 @@ from flask_login import LoginManager, current_user, login_user, logout_user
 
 import accounts
 from accounts import Viewer
+from web.credentials import metrics_token_sent
 from web.errors import WebError
 from web.limits import login_limit
 
@@ -81,10 +81,9 @@ def may_read_metrics() -> bool:
     """An operator's session or key, the bearer METRICS_TOKEN, or (METRICS_ALLOW_LOOPBACK) a loopback client."""
     if current_user.is_authenticated and current_user.is_operator:
         return True
-    token = current_app.config.get("METRICS_TOKEN")
     authorization = request.authorization
-    if token and authorization and authorization.type == "bearer":
-        return hmac.compare_digest((authorization.token or "").encode(), str(token).encode())
+    if current_app.config.get("METRICS_TOKEN") and authorization and authorization.type == "bearer":
+        return metrics_token_sent()
     return bool(current_app.config["METRICS_ALLOW_LOOPBACK"]) and _is_loopback(request.remote_addr or "")
 
 
