@@ -52,8 +52,9 @@ DEFAULTS = {
     "METRICS_ALLOW_LOOPBACK": True,
     "TRUSTED_HOSTS": [],  # added to the loopback names
     "SESSION_COOKIE_SAMESITE": "Lax",
-    # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
-    # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
+    # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx, 2 with a
+    # TLS terminator before it): without it every client behind the proxy has the proxy's address
+    # and shares one rate-limit bucket, and the app cannot tell it is served over HTTPS.
     "PROXY_HOPS": 0,
     "RATELIMIT_ENABLED": True,
     "RATELIMIT_STORAGE_URI": "memory://",

@@ -22,6 +22,7 @@ from web.limits import images_sent, predict_limit
 from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 # Ten classes are the usual case; the cap keeps a request from asking for a huge ranking.
 MAX_TOP_K = 1000
 
@@ -32,11 +33,27 @@ bp.register_error_handler(Exception, json_error)
 
 @bp.before_request
 def refuse_cross_site() -> None:
-    """Scripts send no Origin; a browser on another site does. The Host header is not compared:
-    a DNS-rebinding page chooses it, and the Origin with it."""
+    """Scripts send no Origin; a browser on another site does. An Origin passes when it is this
+    server's own (scheme, host and port, as the request or the trusted proxies say) and its host
+    is trusted: a host alone is not enough, as another port or scheme is another program, and the
+    Host header alone is not either, as a DNS-rebinding page chooses it, and the Origin with it."""
     origin = request.headers.get("Origin")
-    if origin and not host_is_trusted(urlsplit(origin).netloc, current_app.config["TRUSTED_HOSTS"]):
+    if origin is None:
+        return
+    claimed, served = _origin_parts(origin), _origin_parts(f"{request.scheme}://{request.host}")
+    trusted = host_is_trusted(request.host, current_app.config["TRUSTED_HOSTS"])
+    if claimed is None or claimed != served or not trusted:
         raise WebError("Cross-site browser requests to the API are refused.", "cross_site")
+
+
+def _origin_parts(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None when malformed."""
+    parts = urlsplit(origin)
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts.scheme, (parts.hostname or "").lower(), port) if parts.hostname and port else None
 
 
 bp.before_request(require_api_caller)
