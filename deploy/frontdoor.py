@@ -56,10 +56,10 @@ class FrontDoorSettings:
 
 
 def service_account() -> pwd.struct_passwd | None:
-    """Whom the servers' workers run as when started as root: WEB_USER (default nobody); else None."""
-    if os.geteuid() != 0:
-        return None
-    return pwd.getpwnam(os.environ.get("WEB_USER", "nobody"))
+    """Whom the servers' workers run as when started as root: WEB_USER (default nobody); None when
+    not root, or when WEB_USER=root says on purpose that they stay root."""
+    name = os.environ.get("WEB_USER", "nobody")
+    return pwd.getpwnam(name) if os.geteuid() == 0 and name != "root" else None
 
 
 def give_to(account: pwd.struct_passwd, folder: Path) -> None:

@@ -2,14 +2,20 @@
 a unix socket, both started on free local ports with this test's own small limits; and what
 `make serve-proxy` checks before it starts them."""
 
+import grp
 import http.client
 import json
 import os
+import pwd
+import runpy
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import POSTGRES_URL, image_bytes
@@ -70,6 +76,26 @@ def test_serve_proxy_refuses_a_public_address_with_anonymous_use_left_on(tmp_pat
         frontdoor.main()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the workers drop from root: this test must run as root")
+def test_started_as_root_the_workers_of_both_servers_run_as_nobody(tmp_path, monkeypatch):
+    nobody = pwd.getpwnam("nobody")
+    monkeypatch.delenv("WEB_USER", raising=False)
+    # nginx's workers (the master keeps root to bind and read its config).
+    rendered = render(FrontDoorSettings(socket=str(tmp_path / "g.sock")), tmp_path)
+    assert rendered.splitlines()[3] == f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
+    # gunicorn's workers, and the instance folder they write in, made by root here.
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "instance" / "prometheus"))
+    monkeypatch.setenv("SERVER_BIND", "")  # on_starting sets it: restored after the test
+    (tmp_path / "instance").mkdir(mode=0o700)
+    (tmp_path / "instance" / "app.sqlite").write_bytes(b"")
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert (settings["user"], settings["group"]) == (nobody.pw_uid, nobody.pw_gid)
+    settings["on_starting"](SimpleNamespace(cfg=SimpleNamespace(bind=["unix:g.sock"])))
+    for path in (tmp_path / "instance", tmp_path / "instance" / "app.sqlite", tmp_path / "instance" / "prometheus"):
+        assert path.stat().st_uid == nobody.pw_uid, path
+
+
 def child_uids(parent: int) -> list[int]:
     """The real user ids of `parent`'s child processes (its workers)."""
     uids = []
@@ -94,6 +120,13 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
         run_front_door(make_app, seed_model_file, tmp_path, shared / "instance")
     finally:
         shutil.rmtree(shared)
+
+
+def nobody_can_run_python() -> bool:
+    """Whether a process that drops from root to nobody, as gunicorn's workers do, can still import
+    Python's standard library (not where Python lives under /root, as pyenv installs it)."""
+    drop = "import os; os.setgid(65534); os.setuid(65534); import secrets"
+    return subprocess.run([sys.executable, "-c", drop], capture_output=True).returncode == 0
 
 
 def run_front_door(make_app, seed_model_file, tmp_path, instance: Path) -> None:
@@ -121,11 +154,14 @@ def run_front_door(make_app, seed_model_file, tmp_path, instance: Path) -> None:
         "WEB_THREADS": "4",
         "PROMETHEUS_MULTIPROC_DIR": str(instance / "prometheus"),
     }
+    drops = os.geteuid() == 0 and nobody_can_run_python()
+    if os.geteuid() == 0 and not drops:
+        env["WEB_USER"] = "root"  # the operator's explicit choice where nobody cannot run this Python
     with serve(settings, env, tmp_path / "logs") as (gunicorn, nginx, run_dir):
         wait_ready("127.0.0.1", port, timeout=600)  # a busy 2-core machine takes minutes to import TensorFlow
 
         # Started as root, neither server's workers are root.
-        if os.geteuid() == 0:
+        if drops:
             workers = child_uids(gunicorn.pid) + child_uids(nginx.pid)
             assert workers and 0 not in workers, workers
 
