@@ -111,13 +111,13 @@ def child_uids(parent: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
-def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
+def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path, monkeypatch):
     # Started as root, the workers run as nobody: the instance folder and its database must be
     # where nobody can reach them, not in pytest's private folder.
     shared = Path(tempfile.mkdtemp(prefix="imgcls-frontdoor-"))
     shared.chmod(0o755)
     try:
-        run_front_door(make_app, seed_model_file, tmp_path, shared / "instance")
+        run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, shared / "instance")
     finally:
         shutil.rmtree(shared)
 
@@ -129,7 +129,7 @@ def nobody_can_run_python() -> bool:
     return subprocess.run([sys.executable, "-c", drop], capture_output=True).returncode == 0
 
 
-def run_front_door(make_app, seed_model_file, tmp_path, instance: Path) -> None:
+def run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, instance: Path) -> None:
     database = POSTGRES_URL or f"sqlite:///{instance / 'app.sqlite'}"
     app = make_app(INSTANCE_PATH=str(instance), SQLALCHEMY_DATABASE_URI=database)
     with app.app_context():
@@ -156,7 +156,8 @@ def run_front_door(make_app, seed_model_file, tmp_path, instance: Path) -> None:
     }
     drops = os.geteuid() == 0 and nobody_can_run_python()
     if os.geteuid() == 0 and not drops:
-        env["WEB_USER"] = "root"  # the operator's explicit choice where nobody cannot run this Python
+        # The operator's explicit choice where nobody cannot run this Python; for both servers.
+        monkeypatch.setenv("WEB_USER", "root")
     with serve(settings, env, tmp_path / "logs") as (gunicorn, nginx, run_dir):
         wait_ready("127.0.0.1", port, timeout=600)  # a busy 2-core machine takes minutes to import TensorFlow
 
