@@ -9,9 +9,10 @@ or a web worker) gets a clear ModelStoreError.
 The child is confined as if the file ran code in it: `resource.setrlimit` caps its address space,
 CPU seconds, open files, file size and processes; its environment is an allow-list (no secrets,
 no DATABASE_URL); it works in a scratch folder holding only the file; and bubblewrap (`bwrap`)
-gives it new user, network, PID and mount namespaces in which only the system's libraries, the
-Python environment and this repository's source files exist (not instance/, the database or the
-secret key). Started as root, it runs as `nobody`. Where bubblewrap cannot start (not installed,
+gives it new network, PID and mount namespaces in which only the system's libraries, the Python
+environment and this repository's source files exist (not instance/, the database or the secret
+key), and a user namespace unless the parent is root, when the child runs as `nobody` instead
+(setpriv, no capabilities). Where bubblewrap cannot start (not installed,
 or user namespaces are off) the import is refused unless MODEL_IMPORT_CONFINE is false, which
 keeps everything above but the namespaces.
 

@@ -56,10 +56,9 @@ class FrontDoorSettings:
 
 
 def service_account() -> pwd.struct_passwd | None:
-    """Whom the servers' workers run as when started as root: WEB_USER (default nobody); None when
-    not root, or when WEB_USER=root says on purpose that they stay root."""
-    name = os.environ.get("WEB_USER", "nobody")
-    return pwd.getpwnam(name) if os.geteuid() == 0 and name != "root" else None
+    """Whom the servers' workers run as when started as root: WEB_USER (default nobody; root keeps
+    them root on purpose); None when not started as root."""
+    return pwd.getpwnam(os.environ.get("WEB_USER", "nobody")) if os.geteuid() == 0 else None
 
 
 def give_to(account: pwd.struct_passwd, folder: Path) -> None:

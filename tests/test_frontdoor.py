@@ -174,7 +174,7 @@ def run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, instance: P
 
         # A body over 1 MB (up to the limit) stays in nginx's memory: no temporary file.
         status, _, _ = call(port, "POST", "/api/v1/predict", b"\xff" * 1_500_000, {"Content-Type": "image/jpeg"})
-        assert status == 400
+        assert status == 415  # not an image: the app read the whole body and said so
         assert "temporary file" not in (run_dir / "error.log").read_text()
 
         # A request through it works; the answer comes from the app.
