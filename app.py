@@ -59,9 +59,9 @@ DEFAULTS = {
     "RATELIMIT_ENABLED": True,
     "RATELIMIT_STORAGE_URI": "memory://",
     "RATELIMIT_HEADERS_ENABLED": True,
-    # Counted in images: an image with a saliency map counts EXPLAIN_COST (web/limits.py).
+    # Counted in images: an image with an API saliency map counts EXPLAIN_COST (web/limits.py).
     "PREDICT_RATE_LIMIT": "120 per minute",
-    "EXPLAIN_COST": 2,
+    "EXPLAIN_COST": 6,
     "MAX_EXPLAINED_IMAGES": 4,  # per API request with explain=1
     "LOGIN_RATE_LIMIT": "5 per minute",
 }

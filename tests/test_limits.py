@@ -25,10 +25,7 @@ REDIS_SERVER = shutil.which("redis-server")
 
 @pytest.fixture
 def limited_app(make_app, seed_model_file):
-    # A saliency map costs as much as an image here: what a map costs is tested with costed_app.
-    app = make_app(
-        RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="2 per minute", LOGIN_RATE_LIMIT="3 per minute", EXPLAIN_COST=1
-    )
+    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="2 per minute", LOGIN_RATE_LIMIT="3 per minute")
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
@@ -64,10 +61,10 @@ def test_predictions_are_limited_per_key_and_per_address(limited_app):
     assert 0 <= int(over.headers["Retry-After"]) <= 60
     assert classify(client, image_bytes(), headers=bearer(second)).status_code == 200
     anonymous = {"REMOTE_ADDR": "192.0.2.1"}
-    assert classify(client, image_bytes(), environ_base=anonymous).status_code == 200
-    assert classify(client, image_bytes(), route="/", environ_base=anonymous).status_code == 200  # one budget
+    assert classify(client, image_bytes(), route="/", environ_base=anonymous).status_code == 200  # with a map: 2
     page = classify(client, image_bytes(), route="/", environ_base=anonymous)
     assert page.status_code == 429 and "Too many requests" in page.get_data(as_text=True)
+    assert classify(client, image_bytes(), environ_base=anonymous).status_code == 429  # one budget
     assert classify(client, image_bytes(), environ_base={"REMOTE_ADDR": "192.0.2.2"}).status_code == 200
 
 
@@ -202,7 +199,7 @@ def test_a_key_counts_against_its_own_bucket_only_when_it_authenticated(limited_
 
 @pytest.fixture
 def costed_app(make_app, seed_model_file):
-    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="4 per minute", EXPLAIN_COST=2)
+    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="4 per minute", EXPLAIN_COST=2)  # pages: 2 too
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
