@@ -22,7 +22,7 @@ from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, errors, extensions, inputs, ops, pages, privacy
+from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -36,6 +36,8 @@ DEFAULTS = {
     "MODEL_IMPORT_MEMORY_BYTES": ImportLimits.memory_bytes,
     "MODEL_IMPORT_CPU_SECONDS": ImportLimits.cpu_seconds,
     "MODEL_IMPORT_SANDBOX": True,
+    # The child in bubblewrap's namespaces; false keeps its limits but runs it without them.
+    "MODEL_IMPORT_CONFINE": True,
     "MODEL_POLL_SECONDS": 1.0,
     "BATCHING_ENABLED": False,
     "BATCH_MAX_SIZE": 64,
@@ -56,13 +58,17 @@ DEFAULTS = {
     # After this many failed log-ins in a row an account refuses log-ins for LOGIN_LOCKOUT_MINUTES.
     "LOGIN_LOCKOUT_FAILURES": Lockout.failures,
     "LOGIN_LOCKOUT_MINUTES": Lockout.duration.total_seconds() / 60,
-    # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx): without
-    # it every client behind the proxy has the proxy's address and shares one rate-limit bucket.
+    # Proxies in front that set X-Forwarded-For/-Proto (1 behind make serve-proxy's nginx, 2 with a
+    # TLS terminator before it): without it every client behind the proxy has the proxy's address
+    # and shares one rate-limit bucket, and the app cannot tell it is served over HTTPS.
     "PROXY_HOPS": 0,
     "RATELIMIT_ENABLED": True,
     "RATELIMIT_STORAGE_URI": "memory://",
     "RATELIMIT_HEADERS_ENABLED": True,
+    # Counted in images: an image with an API saliency map counts EXPLAIN_COST (web/limits.py).
     "PREDICT_RATE_LIMIT": "120 per minute",
+    "EXPLAIN_COST": 6,
+    "MAX_EXPLAINED_IMAGES": 4,  # per API request with explain=1
     "LOGIN_RATE_LIMIT": "5 per minute",
 }
 
@@ -105,6 +111,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     inputs.init_app(app)
     auth.init_app(app)
     extensions.init_app(app)
+    credentials.init_app(app)
     privacy.init_app(app)
     monitoring.init_app(app)
     for blueprint in (auth.bp, pages.bp, api.bp, ops.bp):

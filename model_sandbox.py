@@ -2,27 +2,41 @@
 
 A crafted HDF5 file can overflow a heap in the HDF5 library itself (Keras' safe mode works a
 layer above it), and a file can declare weights large enough to exhaust memory. The import
-therefore checks the file's size in the parent, then opens and loads it in a child process
-limited by `resource.setrlimit` (address space and CPU seconds) that reports what it found as
-JSON: whatever happens in there, the parent (the CLI) gets a clear ModelStoreError.
+therefore checks only the file's size in the parent, then recognises, opens and loads it in a
+child process that reports what it found as JSON: whatever happens in there, the parent (the CLI
+or a web worker) gets a clear ModelStoreError.
+
+The child is confined as if the file ran code in it: `resource.setrlimit` caps its address space,
+CPU seconds, open files, file size and processes; its environment is an allow-list (no secrets,
+no DATABASE_URL); it works in a scratch folder holding only the file; and bubblewrap (`bwrap`)
+gives it new network, PID and mount namespaces in which only the system's libraries, the Python
+environment and this repository's source files exist (not instance/, the database or the secret
+key), and a user namespace unless the parent is root, when the child runs as `nobody` instead
+(setpriv, no capabilities). Where bubblewrap cannot start (not installed,
+or user namespaces are off) the import is refused unless MODEL_IMPORT_CONFINE is false, which
+keeps everything above but the namespaces.
 
 The child also re-saves the model it loaded without HDF5 (model_files.py), and that file is
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
 
-Run as a script, this module is that child:
-`python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE MEMORY_BYTES CPU_SECONDS`; it sets its
-own limits first (a `preexec_fn` could deadlock when the parent is a threaded web worker).
+Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS
+SERVED_FILE MEMORY_BYTES CPU_SECONDS FILE_BYTES PROCESSES`; it sets its own limits first (a
+`preexec_fn` could deadlock when the parent is a threaded web worker).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import resource
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +50,24 @@ MEMORY_MARKERS = (
     "failed to map segment from shared object",
     "OpenBLAS error: Memory allocation still failed",  # numpy's BLAS starting under the limit
 )
+CHILD_SCRIPT = Path(__file__).resolve()
+SOURCE_ROOT = CHILD_SCRIPT.parent
+BWRAP = "bwrap"
+SANDBOX_DIR = "/sandbox"  # the child's working directory inside bubblewrap: the file, its output
+UPLOAD_NAME = "upload"  # the file as the child receives it: it finds the format itself
+SERVED_NAME = "served"
+UNPRIVILEGED_USER = "nobody"  # whom the child runs as when the parent is root
+# Everything the child's environment holds: nothing of the parent's (tokens, keys, DATABASE_URL).
+CHILD_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "CUDA_VISIBLE_DEVICES": "",
+    "TMPDIR": "/tmp",
+}
+# What the child sees of the file system, read-only, besides Python and the source files.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/ld.so.cache", "/etc/localtime")
+OPEN_FILES = 256  # TensorFlow opens about 100 (shared libraries, its thread pools' pipes)
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,7 @@ class ImportLimits:
     memory_bytes: int = 4 * 1024**3  # address space: TensorFlow alone maps about 1.5 GB
     cpu_seconds: int = 300
     isolated: bool = True
+    confined: bool = True  # in bubblewrap's namespaces; False: limits, environment and folder only
 
     @classmethod
     def from_config(cls, config) -> ImportLimits:
@@ -57,7 +90,19 @@ class ImportLimits:
             memory_bytes=int(config["MODEL_IMPORT_MEMORY_BYTES"]),
             cpu_seconds=int(config["MODEL_IMPORT_CPU_SECONDS"]),
             isolated=bool(config["MODEL_IMPORT_SANDBOX"]),
+            confined=bool(config["MODEL_IMPORT_CONFINE"]),
         )
+
+    @property
+    def file_bytes(self) -> int:
+        """The largest file the child may write: float64 weights at the parameter cap, plus room
+        for the file's own structure."""
+        return 8 * self.max_params + 64 * 1024**2
+
+    @property
+    def processes(self) -> int:
+        """Processes and threads: TensorFlow starts a few pools about as wide as the CPU count."""
+        return 256 + 8 * (os.cpu_count() or 1)
 
 
 class SandboxError(Exception):
@@ -95,6 +140,8 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     import model_formats
 
     fmt = model_formats.detect_format(path.read_bytes())
+    if path.suffix != f".{fmt}":  # Keras picks its reader by the suffix; the child gets `upload`
+        path = path.rename(path.with_suffix(f".{fmt}"))
     if fmt == "h5":
         try:
             stored = _h5_weight_count(path)
@@ -146,11 +193,14 @@ def _save_checked(model, probe, filename: str, served_file: Path) -> None:
         raise SandboxError(f"{filename}: the model does not give the same outputs once re-saved without HDF5")
 
 
-def _apply_limits(memory_bytes: int, cpu_seconds: int) -> None:
+def _apply_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int, processes: int) -> None:
     """In the child, before TensorFlow or h5py is imported."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+    resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
 def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportLimits) -> str:
@@ -172,38 +222,134 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
 
 
 def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
-    """`describe_model_file` in a child process under `limits`; a SandboxError says why not."""
-    script = str(Path(__file__).resolve())
+    """`describe_model_file` in a confined child process under `limits`; a SandboxError says why not."""
+    with tempfile.TemporaryDirectory(prefix="imgcls-import-") as scratch:
+        folder = Path(scratch)
+        shutil.copyfile(path, folder / UPLOAD_NAME)
+        user = _child_user()
+        if user:
+            for owned in (folder, folder / UPLOAD_NAME):
+                os.chown(owned, *user)
+        served_name = SERVED_NAME + served_file.suffix
+        result = _run_child(folder, filename, limits, served_name, user)
+        if result.returncode != 0:
+            raise SandboxError(_failure(result, filename, limits))
+        _copy_out(folder / served_name, served_file, filename)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _child_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the child as: `nobody` when this process is root, else None (as is)."""
+    if os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _drop_to(user: tuple[int, int]) -> list[str]:
+    """setpriv (util-linux): become `user` with no groups, no capabilities, none to gain."""
+    uid, gid = user
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ]
+
+
+def _run_child(
+    folder: Path, filename: str, limits: ImportLimits, served_name: str, user: tuple[int, int] | None
+) -> subprocess.CompletedProcess:
+    workdir = SANDBOX_DIR if limits.confined else str(folder)
     command = [
         sys.executable,
-        script,
-        str(path),
+        "-E",  # no PYTHON* variables (none reach it anyway), no user site, no bytecode written
+        "-s",
+        "-B",
+        str(CHILD_SCRIPT),
+        f"{workdir}/{UPLOAD_NAME}",
         filename,
         str(limits.max_params),
-        str(served_file),
+        f"{workdir}/{served_name}",
         str(limits.memory_bytes),
         str(limits.cpu_seconds),
+        str(limits.file_bytes),
+        str(limits.processes),
     ]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    if user:
+        command = [*_drop_to(user), *command]
+    if limits.confined:
+        command = [*_bwrap_arguments(folder, as_root=user is not None), *command]
     try:
         result = subprocess.run(
             command,
             capture_output=True,
             text=True,
-            env=env,
-            cwd=Path(__file__).resolve().parent,
+            env={**CHILD_ENV, "HOME": workdir},
+            cwd=folder,
             timeout=limits.cpu_seconds * 4,  # wall clock: a child sleeping instead of computing
         )
     except subprocess.TimeoutExpired as exc:
         raise SandboxError(f"{filename}: validating it took longer than {exc.timeout:.0f} s and was stopped") from exc
-    if result.returncode != 0:
-        raise SandboxError(_failure(result, filename, limits))
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    except FileNotFoundError as exc:
+        raise SandboxError(_no_confinement(f"{exc.filename or command[0]} is not installed")) from exc
+    if limits.confined and result.returncode == 1 and result.stderr.startswith("bwrap:"):
+        raise SandboxError(_no_confinement(result.stderr.strip().splitlines()[0]))
+    return result
+
+
+def _bwrap_arguments(folder: Path, as_root: bool) -> list[str]:
+    """bubblewrap: new namespaces (network, PID, IPC, UTS, mount; user unless root, whose child
+    drops to `nobody` inside by setpriv) and a file system of the system's libraries, Python and
+    the source files, read-only, with `folder` as the one writable place."""
+    namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    arguments = [BWRAP, *(namespaces if as_root else ["--unshare-all", "--cap-drop", "ALL"])]
+    arguments += ["--die-with-parent", "--new-session"]
+    arguments += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    visible = [str(path) for path in (*SYSTEM_PATHS, sys.prefix, sys.base_prefix, sys.exec_prefix, *_source_files())]
+    # The folders above them, which bubblewrap would otherwise make for its own user only (0700).
+    for above in sorted({str(parent) for path in visible for parent in Path(path).parents} - {"/"}):
+        arguments += ["--perms", "0755", "--dir", above]
+    for path in visible:
+        arguments += ["--ro-bind-try", path, path]
+    return [*arguments, "--bind", str(folder), SANDBOX_DIR, "--chdir", SANDBOX_DIR]
+
+
+def _source_files() -> list[Path]:
+    """The repository's modules and packages the child imports from: not instance/, models/ or .git."""
+    found = [item for item in SOURCE_ROOT.iterdir() if item.suffix == ".py" or (item / "__init__.py").is_file()]
+    return [*found, CHILD_SCRIPT]
+
+
+def _no_confinement(reason: str) -> str:
+    return (
+        f"the import sandbox could not start ({reason}): model files are validated only inside "
+        f"bubblewrap's namespaces (install bubblewrap, and allow unprivileged user namespaces), or set "
+        f"MODEL_IMPORT_CONFINE=false to validate them in a child with limits but no namespaces"
+    )
+
+
+def _copy_out(source: Path, target: Path, filename: str) -> None:
+    """The child's output into `target`: a regular file with one link only, never a link the child
+    left to a file it could not read but this process can."""
+    try:
+        handle = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SandboxError(f"{filename}: the validating process left no model file ({exc.strerror})") from exc
+    with os.fdopen(handle, "rb") as child_file:
+        status = os.fstat(child_file.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            raise SandboxError(f"{filename}: the validating process left something other than a model file")
+        with target.open("wb") as copy:
+            shutil.copyfileobj(child_file, copy)
 
 
 def _child(argv: list[str]) -> int:
     path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
-    _apply_limits(int(argv[4]), int(argv[5]))
+    _apply_limits(*(int(value) for value in argv[4:8]))
     from model_formats import ModelStoreError
 
     try:

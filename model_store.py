@@ -35,7 +35,7 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 import calibration
 from database import db
 from model_files import is_model_file
-from model_formats import STORED_FORMAT, ModelStoreError, detect_format
+from model_formats import STORED_FORMAT, ModelStoreError
 from model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
 from model_sandbox import (
     ImportLimits,
@@ -200,11 +200,12 @@ def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None 
     width and kind) and the model re-saved without HDF5. Without limits the default caps apply
     and the file is loaded in this process."""
     limits = limits or ImportLimits(isolated=False)
-    fmt = detect_format(data)
     try:
         check_size(len(data), filename, limits)
         with tempfile.TemporaryDirectory() as scratch:
-            path, served = Path(scratch) / f"model.{fmt}", Path(scratch) / f"served.{STORED_FORMAT}"
+            # Not even the format is read here: the child recognises the file (a zip's directory
+            # is parsed to tell a registry file from a .keras one).
+            path, served = Path(scratch) / "upload", Path(scratch) / f"served.{STORED_FORMAT}"
             path.write_bytes(data)
             if limits.isolated:
                 described = describe_in_child(path, filename, limits, served)

@@ -6,11 +6,17 @@ deploy/nginx.conf.template into a private temporary folder (pid, logs, request b
 client_max_body_size taken from the app's MAX_CONTENT_LENGTH. Tests and benchmarks use `serve`
 with their own settings.
 
-Environment: HOST (127.0.0.1), PORT (8080), INSTANCE_PATH, and gunicorn's WEB_* (gunicorn.conf.py).
+HOST is checked as gunicorn checks its own bind: on an address other than loopback, anonymous use
+must be set on or off on purpose (web/auth.py), or nothing starts. Started as root, nginx's and
+gunicorn's workers run as WEB_USER (default `nobody`), who is given the instance folder.
+
+Environment: HOST (127.0.0.1), PORT (8080), INSTANCE_PATH, WEB_USER, and gunicorn's WEB_*
+(gunicorn.conf.py).
 """
 
 from __future__ import annotations
 
+import grp
 import http.client
 import os
 import pwd
@@ -49,6 +55,19 @@ class FrontDoorSettings:
     static_root: str = str(ROOT / "static")
 
 
+def service_account() -> pwd.struct_passwd | None:
+    """Whom the servers' workers run as when started as root: WEB_USER (default nobody; root keeps
+    them root on purpose); None when not started as root."""
+    return pwd.getpwnam(os.environ.get("WEB_USER", "nobody")) if os.geteuid() == 0 else None
+
+
+def give_to(account: pwd.struct_passwd, folder: Path) -> None:
+    """`folder` and everything in it to `account`: the workers write there (database, models,
+    secret key, metrics), and a folder made by root (make db, a test) would shut them out."""
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+
 def nginx_size(size_bytes: int) -> str:
     """A byte count as nginx writes sizes: '16m' when it is whole megabytes."""
     megabytes, rest = divmod(int(size_bytes), 1024 * 1024)
@@ -59,9 +78,9 @@ def render(settings: FrontDoorSettings, run_dir: Path) -> str:
     """The nginx config text; every placeholder must be filled."""
     values = {key.upper(): str(value) for key, value in asdict(settings).items()}
     values["RUN_DIR"] = str(run_dir)
-    # As root (CI, containers) nginx would switch its workers to `nobody`, who cannot reach the
-    # socket or the static files: they keep the identity of whoever started it.
-    values["USER_LINE"] = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    account = service_account()
+    # As root, nginx's workers (which parse every request) run as the account gunicorn's run as.
+    values["USER_LINE"] = f"user {account.pw_name} {grp.getgrgid(account.pw_gid).gr_name};" if account else ""
     missing = sorted(set(PLACEHOLDER.findall(TEMPLATE.read_text())) - set(values))
     if missing:
         raise KeyError(f"no value for {', '.join(missing)} in {TEMPLATE.name}")
@@ -103,6 +122,11 @@ def wait_ready(host: str, port: int, timeout: float = 120) -> None:
     raise RuntimeError(f"http://{host}:{port}/healthz did not answer 200 in {timeout:.0f} s")
 
 
+def bind_address(host: str, port: int) -> str:
+    """host:port as gunicorn writes a bind ([::1]:8080 for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @contextmanager
 def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> Iterator[tuple]:
     """Start gunicorn on `settings.socket`, then nginx with the rendered config; stop both on exit.
@@ -110,6 +134,9 @@ def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> It
     Yields (gunicorn, nginx, run_dir). Logs go to files in `log_dir` (an unread pipe would
     block the servers)."""
     run_dir = Path(tempfile.mkdtemp(prefix="imgcls-nginx-"))
+    account = service_account()
+    if account:
+        give_to(account, run_dir)
     socket_path = Path(settings.socket)
     socket_path.unlink(missing_ok=True)
     config = run_dir / "nginx.conf"
@@ -135,6 +162,7 @@ def serve(settings: FrontDoorSettings, env: dict[str, str], log_dir: Path) -> It
 
 def main() -> int:
     from app import create_app
+    from web.auth import exposure_problem
 
     app = create_app()
     instance = Path(app.instance_path)
@@ -144,6 +172,11 @@ def main() -> int:
         port=int(os.environ.get("PORT", "8080")),
         max_body=nginx_size(app.config["MAX_CONTENT_LENGTH"]),
     )
+    # gunicorn checks only its own bind, a unix socket here: the public address is nginx's.
+    problem = exposure_problem(app.config, bind_address(settings.host, settings.port))
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both, as Ctrl-C does
     env = {"INSTANCE_PATH": str(instance)}
     with serve(settings, env, instance / "logs") as (gunicorn, nginx, _run_dir):

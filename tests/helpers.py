@@ -105,8 +105,8 @@ def make_key(runner, user, name="script"):
     return result.output.strip().splitlines()[-1]
 
 
-def login(client, name, password="correct horse"):
-    return client.post("/login", data={"username": name, "password": password})
+def login(client, name, password="correct horse", **kwargs):
+    return client.post("/login", data={"username": name, "password": password}, **kwargs)
 
 
 def bearer(key):

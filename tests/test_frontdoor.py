@@ -1,17 +1,27 @@
 """The front door, for real: nginx (Debian's package, installed by .ci/run) in front of gunicorn on
-a unix socket, both started on free local ports with this test's own small limits."""
+a unix socket, both started on free local ports with this test's own small limits; and what
+`make serve-proxy` checks before it starts them."""
 
+import grp
 import http.client
 import json
+import os
+import pwd
+import runpy
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from helpers import image_bytes
+from helpers import POSTGRES_URL, image_bytes
 
 import model_store
+from deploy import frontdoor
 from deploy.frontdoor import PLACEHOLDER, ROOT, FrontDoorSettings, nginx_size, render, serve, wait_ready
 
 HEADER_TIMEOUT = 2
@@ -24,9 +34,11 @@ def free_port() -> int:
 
 
 def call(port, method, path, body=b"", headers=None, source="127.0.0.1"):
+    """A request from `source` through a TLS terminator (simulated: its X-Forwarded-* headers)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    terminator = {"X-Forwarded-For": source, "X-Forwarded-Proto": "https"}
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers={**terminator, **(headers or {})})
         response = connection.getresponse()
         return response.status, response.getheaders(), response.read()
     finally:
@@ -44,19 +56,90 @@ def test_rendered_config_fills_every_placeholder_and_matches_the_body_limit(tmp_
     assert nginx_size(1000) == "1000"
 
 
+class Started(Exception):
+    """Raised by the stand-in for serve(): the front door would have started."""
+
+
+def test_serve_proxy_refuses_a_public_address_with_anonymous_use_left_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
+    monkeypatch.setenv("FLASK_SQLALCHEMY_DATABASE_URI", f"sqlite:///{tmp_path / 'app.sqlite'}")
+    monkeypatch.setenv("HOST", "0.0.0.0")  # the README's own `HOST=0.0.0.0 make serve-proxy`
+    monkeypatch.setenv("PORT", "8081")
+    monkeypatch.setattr(frontdoor, "serve", lambda *args: (_ for _ in ()).throw(Started()))
+    monkeypatch.setattr(frontdoor.signal, "signal", lambda *args: None)
+    assert frontdoor.main() == 1
+    assert "refusing to serve on 0.0.0.0:8081" in capsys.readouterr().err
+    # Anonymous use set on or off on purpose: it starts.
+    monkeypatch.setenv("FLASK_ALLOW_ANONYMOUS", "false")
+    monkeypatch.setenv("FLASK_ALLOW_ANONYMOUS_API", "false")
+    with pytest.raises(Started):
+        frontdoor.main()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the workers drop from root: this test must run as root")
+def test_started_as_root_the_workers_of_both_servers_run_as_nobody(tmp_path, monkeypatch):
+    nobody = pwd.getpwnam("nobody")
+    monkeypatch.delenv("WEB_USER", raising=False)
+    # nginx's workers (the master keeps root to bind and read its config).
+    rendered = render(FrontDoorSettings(socket=str(tmp_path / "g.sock")), tmp_path)
+    assert rendered.splitlines()[3] == f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
+    # gunicorn's workers, and the instance folder they write in, made by root here.
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "instance" / "prometheus"))
+    monkeypatch.setenv("SERVER_BIND", "")  # on_starting sets it: restored after the test
+    (tmp_path / "instance").mkdir(mode=0o700)
+    (tmp_path / "instance" / "app.sqlite").write_bytes(b"")
+    settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert (settings["user"], settings["group"]) == (nobody.pw_uid, nobody.pw_gid)
+    settings["on_starting"](SimpleNamespace(cfg=SimpleNamespace(bind=["unix:g.sock"])))
+    for path in (tmp_path / "instance", tmp_path / "instance" / "app.sqlite", tmp_path / "instance" / "prometheus"):
+        assert path.stat().st_uid == nobody.pw_uid, path
+
+
+def child_uids(parent: int) -> list[int]:
+    """The real user ids of `parent`'s child processes (its workers)."""
+    uids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields["PPid"]) == parent:
+            uids.append(int(fields["Uid"].split()[0]))
+    return uids
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
-def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
-    app = make_app()
+def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path, monkeypatch):
+    # Started as root, the workers run as nobody: the instance folder and its database must be
+    # where nobody can reach them, not in pytest's private folder.
+    shared = Path(tempfile.mkdtemp(prefix="imgcls-frontdoor-"))
+    shared.chmod(0o755)
+    try:
+        run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, shared / "instance")
+    finally:
+        shutil.rmtree(shared)
+
+
+def nobody_can_run_python() -> bool:
+    """Whether a process that drops from root to nobody, as gunicorn's workers do, can still import
+    Python's standard library (not where Python lives under /root, as pyenv installs it)."""
+    drop = "import os; os.setgid(65534); os.setuid(65534); import secrets"
+    return subprocess.run([sys.executable, "-c", drop], capture_output=True).returncode == 0
+
+
+def run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, instance: Path) -> None:
+    database = POSTGRES_URL or f"sqlite:///{instance / 'app.sqlite'}"
+    app = make_app(INSTANCE_PATH=str(instance), SQLALCHEMY_DATABASE_URI=database)
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")
-    instance = Path(app.instance_path)
     port = free_port()
     settings = FrontDoorSettings(
         socket=str(instance / "gunicorn.sock"),
         port=port,
-        max_body="1m",
+        max_body="2m",  # over nginx's old 1 MB body buffer
         header_timeout=HEADER_TIMEOUT,
         predict_rate=1,
         predict_burst=2,
@@ -64,14 +147,35 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
     env = {
         "INSTANCE_PATH": str(instance),
         "FLASK_SQLALCHEMY_DATABASE_URI": app.config["SQLALCHEMY_DATABASE_URI"],
-        "FLASK_MAX_CONTENT_LENGTH": str(1024 * 1024),
+        "FLASK_MAX_CONTENT_LENGTH": str(2 * 1024 * 1024),
+        "FLASK_PROXY_HOPS": "2",  # the (simulated) TLS terminator, then nginx
         "FLASK_PREDICT_RATE_LIMIT": "50 per minute",
         "WEB_WORKERS": "1",
         "WEB_THREADS": "4",
         "PROMETHEUS_MULTIPROC_DIR": str(instance / "prometheus"),
     }
-    with serve(settings, env, tmp_path / "logs"):
+    drops = os.geteuid() == 0 and nobody_can_run_python()
+    if os.geteuid() == 0 and not drops:
+        # The operator's explicit choice where nobody cannot run this Python; for both servers.
+        monkeypatch.setenv("WEB_USER", "root")
+    with serve(settings, env, tmp_path / "logs") as (gunicorn, nginx, run_dir):
         wait_ready("127.0.0.1", port, timeout=600)  # a busy 2-core machine takes minutes to import TensorFlow
+
+        # Started as root, neither server's workers are root.
+        if drops:
+            workers = child_uids(gunicorn.pid) + child_uids(nginx.pid)
+            assert workers and 0 not in workers, workers
+
+        # Behind TLS the session cookie is Secure and __Host- prefixed: nginx passes the
+        # terminator's scheme on instead of overwriting it with its own.
+        status, headers, _ = call(port, "GET", "/login")
+        cookie = dict(headers)["Set-Cookie"]
+        assert status == 200 and cookie.startswith("__Host-session=") and "; Secure" in cookie
+
+        # A body over 1 MB (up to the limit) stays in nginx's memory: no temporary file.
+        status, _, _ = call(port, "POST", "/api/v1/predict", b"\xff" * 1_500_000, {"Content-Type": "image/jpeg"})
+        assert status == 415  # not an image: the app read the whole body and said so
+        assert "temporary file" not in (run_dir / "error.log").read_text()
 
         # A request through it works; the answer comes from the app.
         assert predict(port) == 200
@@ -86,7 +190,7 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             raw.sendall(
                 b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                b"Content-Length: 2000000\r\n\r\n"
+                b"Content-Length: 3000000\r\n\r\n"
             )
             answer = raw.recv(65536).decode(errors="replace")
         assert answer.startswith("HTTP/1.1 413")

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import build_seed_like_model, image_bytes, random_image_bytes, serve_registry
+from helpers import build_seed_like_model, image_bytes, login, make_user, random_image_bytes, serve_registry
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -417,4 +417,29 @@ def test_the_api_refuses_cross_site_browser_posts(client):
     refused = post({"Origin": "https://evil.example"})
     assert refused.status_code == 403 and refused.get_json()["error"]["code"] == "cross_site"
     assert post({"Origin": "http://localhost"}).status_code == 200  # the test client's own host
+    assert post({"Origin": "http://localhost:80"}).status_code == 200  # the same origin, port spelled out
     assert post({}).status_code == 200  # scripts send no Origin
+    # A trusted host is not enough: another port or scheme is another origin (another program).
+    for other in ("http://127.0.0.1:9999", "http://localhost:9999", "https://localhost", "http://localhost:x"):
+        assert post({"Origin": other}).status_code == 403, other
+
+
+def test_over_https_the_session_cookie_is_secure_and_host_prefixed(make_app):
+    app = make_app(PROXY_HOPS=2)  # a TLS terminator, then nginx
+    with app.app_context():
+        model_store.init_db()
+    make_user(app.test_cli_runner(), "max")
+    client = app.test_client()
+    # What nginx forwards behind the terminator: the terminator's values, then its own.
+    behind_tls = {"X-Forwarded-Proto": "https, http", "X-Forwarded-For": "203.0.113.5, 10.0.0.2"}
+    cookie = login(client, "max", headers=behind_tls).headers["Set-Cookie"]
+    assert cookie.startswith("__Host-session=") and "; Secure" in cookie and "Path=/" in cookie
+    assert "Domain" not in cookie
+    assert client.get("/history", headers=behind_tls).status_code == 200  # read back under its name
+
+    plain = app.test_client()
+    cookie = login(plain, "max").headers["Set-Cookie"]  # HTTP: the name and flags a browser takes there
+    assert cookie.startswith("session=") and "Secure" not in cookie
+    # With nginx alone (one hop), a client's own X-Forwarded-Proto does not make it HTTPS.
+    one_hop = make_app(instance="one-hop", PROXY_HOPS=1).test_client()
+    assert login(one_hop, "max", headers=behind_tls).headers["Set-Cookie"].startswith("session=")

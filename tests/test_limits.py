@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 from helpers import bearer, classify, image_bytes, login, make_key, make_user, serve_registry
+from sqlalchemy import func, select
 
 import model_store
+from database import db
+from predictions import PredictionRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server")
@@ -59,10 +62,10 @@ def test_predictions_are_limited_per_key_and_per_address(limited_app):
     assert 0 <= int(over.headers["Retry-After"]) <= 60
     assert classify(client, image_bytes(), headers=bearer(second)).status_code == 200
     anonymous = {"REMOTE_ADDR": "192.0.2.1"}
-    assert classify(client, image_bytes(), environ_base=anonymous).status_code == 200
-    assert classify(client, image_bytes(), route="/", environ_base=anonymous).status_code == 200  # one budget
+    assert classify(client, image_bytes(), route="/", environ_base=anonymous).status_code == 200  # with a map: 2
     page = classify(client, image_bytes(), route="/", environ_base=anonymous)
     assert page.status_code == 429 and "Too many requests" in page.get_data(as_text=True)
+    assert classify(client, image_bytes(), environ_base=anonymous).status_code == 429  # one budget
     assert classify(client, image_bytes(), environ_base={"REMOTE_ADDR": "192.0.2.2"}).status_code == 200
 
 
@@ -161,3 +164,83 @@ def test_one_limit_holds_across_two_servers_through_redis(app, redis_url, tmp_pa
             server.terminate()
         for server in servers:
             server.wait(30)
+
+
+def test_a_logged_in_user_cannot_escape_the_limit_with_made_up_keys(limited_app):
+    runner = limited_app.test_cli_runner()
+    make_user(runner, "max")
+    make_user(runner, "ann")
+    anns_key = make_key(runner, "ann")
+    client = limited_app.test_client()
+    assert login(client, "max").status_code == 302
+    for _ in range(2):
+        assert classify(client, image_bytes()).status_code == 200
+    assert classify(client, image_bytes()).status_code == 429
+    # Each made-up key used to open a bucket of its own: now a header that authenticates nothing
+    # is refused, with the session cookie, on the API, the page and every other route.
+    for made_up in ("made-up-1", "made-up-2"):
+        refused = classify(client, image_bytes(), headers=bearer(made_up))
+        assert refused.status_code == 401 and refused.get_json()["error"]["code"] == "unauthorized"
+    assert classify(client, image_bytes(), route="/", headers=bearer("made-up-3")).status_code == 401
+    assert client.get("/history", headers={"Authorization": "Basic bWF4Om5vcGU="}).status_code == 401
+    assert classify(client, image_bytes(), headers=bearer(anns_key)).status_code == 401  # not max's key
+    assert client.get("/history").status_code == 200  # the session alone still works
+
+
+def test_a_key_counts_against_its_own_bucket_only_when_it_authenticated(limited_app):
+    runner = limited_app.test_cli_runner()
+    make_user(runner, "max")
+    key = make_key(runner, "max")
+    client = limited_app.test_client()
+    assert login(client, "max").status_code == 302
+    for _ in range(2):
+        assert classify(client, image_bytes()).status_code == 200  # the session's bucket
+    assert classify(client, image_bytes(), headers=bearer(key)).status_code == 200  # the key's own
+
+
+@pytest.fixture
+def costed_app(make_app, seed_model_file):
+    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="4 per minute", EXPLAIN_COST=2)  # pages: 2 too
+    with app.app_context():
+        model_store.init_db()
+        model_store.import_model(seed_model_file, name="seed")
+    serve_registry(app)
+    return app
+
+
+def test_predictions_are_counted_in_images_and_a_saliency_map_costs_more(costed_app):
+    client = costed_app.test_client()
+    assert classify(client, *[image_bytes()] * 4).status_code == 200  # four images: the whole budget
+    over = classify(client, image_bytes())
+    assert over.status_code == 429 and over.get_json()["error"]["code"] == "rate_limited"
+    other = {"REMOTE_ADDR": "192.0.2.7"}
+    explained = classify(client, image_bytes(), image_bytes(), route="/api/v1/predict?explain=1", environ_base=other)
+    assert explained.status_code == 200
+    assert classify(client, image_bytes(), environ_base=other).status_code == 429  # 2 images x 2
+    page = {"REMOTE_ADDR": "192.0.2.8"}  # the page always draws maps
+    assert classify(client, image_bytes(), image_bytes(), route="/", environ_base=page).status_code == 200
+    assert classify(client, image_bytes(), route="/", environ_base=page).status_code == 429
+
+
+def test_the_explain_page_is_limited_with_the_predictions(costed_app):
+    client = costed_app.test_client()
+    assert classify(client, image_bytes(), route="/").status_code == 200  # costs 2 of 4
+    with costed_app.app_context():
+        prediction_id = db.session.scalar(select(func.max(PredictionRecord.id)))
+    assert client.get(f"/predictions/{prediction_id}/explain").status_code == 200  # 4 of 4
+    over = client.get(f"/predictions/{prediction_id}/explain")
+    assert over.status_code == 429 and "Too many requests" in over.get_data(as_text=True)
+
+
+def test_explain_is_for_a_few_images_per_request(make_app, seed_model_file):
+    app = make_app(MAX_EXPLAINED_IMAGES=2)
+    with app.app_context():
+        model_store.init_db()
+        model_store.import_model(seed_model_file, name="seed")
+    serve_registry(app)
+    client = app.test_client()
+    refused = classify(client, *[image_bytes()] * 3, route="/api/v1/predict?explain=1")
+    assert refused.status_code == 413 and "at most 2 images" in refused.get_json()["error"]["message"]
+    answer = classify(client, *[image_bytes()] * 2, route="/api/v1/predict?explain=1")
+    assert answer.status_code == 200 and all(p["saliency"] for p in answer.get_json()["predictions"])
+    assert classify(client, *[image_bytes()] * 3).status_code == 200  # without maps, as many as allowed

@@ -1,10 +1,20 @@
 """Model import in a sandbox: caps on file size and parameters, and the validation load in a child
-process under memory and CPU limits, so a hostile file fails the import with a clear message."""
+process under memory and CPU limits, so a hostile file fails the import with a clear message; the
+child is confined (environment, folder, limits, namespaces) as if the file ran code in it."""
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
+import model_formats
+import model_sandbox
 import model_store
-from model_sandbox import ImportLimits
+from model_sandbox import CHILD_ENV, OPEN_FILES, SOURCE_ROOT, ImportLimits
 from model_store import ModelStoreError
 
 ISOLATED = ImportLimits(isolated=True)
@@ -58,3 +68,135 @@ def test_the_cli_imports_a_good_model_through_the_sandbox(app, runner, other_mod
     with app.app_context():
         row = next(row for row in model_store.list_models() if row.name == "checked")
         assert row.input_shape == [32, 32, 3] and row.output_kind == "logits"
+
+
+# Stands in for the child's script: the real child (`_child`: limits, then the description) with
+# the description replaced by a report of what the child can see, sent back as its refusal.
+PROBE = """
+import json, os, resource, socket, sys
+sys.path.insert(0, {root!r})
+import model_sandbox
+
+
+def reachable(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def outside_uid():
+    uid = os.getuid()
+    for line in open("/proc/self/uid_map"):
+        inside, outside, count = (int(field) for field in line.split())
+        if inside <= uid < inside + count:
+            return outside + uid - inside
+
+
+def report(path, filename, max_params, served_file):
+    names = ("AS", "CPU", "NOFILE", "FSIZE", "NPROC", "CORE")
+    raise model_sandbox.SandboxError(json.dumps({{
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "files": sorted(os.listdir(".")),
+        "limits": {{name: resource.getrlimit(getattr(resource, "RLIMIT_" + name)) for name in names}},
+        "reached": reachable({port}),
+        "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        "visible": [path for path in {secret_paths!r} if os.path.exists(path)],
+        "uid": outside_uid(),
+    }}))
+
+
+model_sandbox.describe_model_file = report
+sys.exit(model_sandbox._child(sys.argv[1:]))
+"""
+SECRETS = {
+    "FLASK_METRICS_TOKEN": "metrics-sentinel",
+    "DATABASE_URL": "postgresql://db-sentinel",
+    "SECRET_KEY": "key-sentinel",
+}
+
+
+def bwrap_works() -> bool:
+    try:
+        return (
+            subprocess.run(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True).returncode
+            == 0
+        )
+    except FileNotFoundError:
+        return False
+
+
+def report_from_inside(app, runner, model_file, tmp_path, monkeypatch, **config) -> dict:
+    """Run `flask models import` with the probe as the child; what the probe saw from inside."""
+    listener = socket.create_server(("127.0.0.1", 0))  # the parent's network: the child must not reach it
+    instance = Path(app.instance_path)
+    (instance / "secret_key").write_text("instance-secret")
+    secret_paths = [
+        str(instance),
+        str(instance / "secret_key"),
+        str(model_file),  # the child gets a copy, not the operator's folders
+        str(tmp_path),  # the test database (SQLite) lives here
+        str(SOURCE_ROOT / ".git"),
+        str(SOURCE_ROOT / "models"),
+        "/etc/passwd",
+    ]
+    assert all(Path(path).exists() for path in secret_paths)  # here: the child must not see them
+    # Beside the temporary folders, not in pytest's (0700): `nobody` must be able to read it.
+    probe = Path(tempfile.mkdtemp()) / "probe.py"
+    probe.parent.chmod(0o755)
+    probe.write_text(PROBE.format(root=str(SOURCE_ROOT), port=listener.getsockname()[1], secret_paths=secret_paths))
+    monkeypatch.setattr(model_sandbox, "CHILD_SCRIPT", probe)
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    # The parent does not parse the file (not even a zip's directory): the child recognises it.
+    monkeypatch.setattr(model_formats, "detect_format", lambda data: pytest.fail("the parent read the file's format"))
+    app.config.update(MODEL_IMPORT_SANDBOX=True, **config)
+    try:
+        with listener:
+            result = runner.invoke(args=["models", "import", str(model_file)])
+    finally:
+        shutil.rmtree(probe.parent)
+    assert result.exit_code == 1 and "import refused" in result.output and "{" in result.output, result.output
+    return json.loads(result.output[result.output.index("{") : result.output.rindex("}") + 1])
+
+
+def assert_environment_folder_and_limits(seen: dict, limits: ImportLimits) -> None:
+    assert set(seen["env"]) <= {*CHILD_ENV, "HOME", "PWD"}, seen["env"]  # bubblewrap sets PWD
+    assert not set(SECRETS.values()) & set(seen["env"].values())
+    assert seen["files"] == ["upload"] and seen["env"]["HOME"] == seen["env"].get("PWD", seen["cwd"]) == seen["cwd"]
+    assert Path(seen["cwd"]) != SOURCE_ROOT
+    assert seen["limits"] == {
+        "AS": [limits.memory_bytes] * 2,
+        "CPU": [limits.cpu_seconds, limits.cpu_seconds + 5],
+        "NOFILE": [OPEN_FILES] * 2,
+        "FSIZE": [limits.file_bytes] * 2,
+        "NPROC": [limits.processes] * 2,
+        "CORE": [0, 0],
+    }
+    assert seen["uid"] != 0  # started as root, the child is `nobody`
+
+
+@pytest.mark.skipif(not bwrap_works(), reason="bubblewrap cannot create namespaces on this machine")
+def test_from_inside_the_import_child_sees_no_secret_no_network_and_only_its_file(
+    app, runner, seed_model_file, tmp_path, monkeypatch
+):
+    seen = report_from_inside(app, runner, seed_model_file, tmp_path, monkeypatch)
+    assert_environment_folder_and_limits(seen, ImportLimits.from_config(app.config))
+    assert seen["cwd"] == model_sandbox.SANDBOX_DIR
+    assert not seen["reached"] and seen["interfaces"] == ["lo"]
+    assert seen["visible"] == []
+
+
+def test_without_namespaces_the_child_still_has_an_allow_listed_environment_a_scratch_folder_and_limits(
+    app, runner, seed_model_file, tmp_path, monkeypatch
+):
+    seen = report_from_inside(app, runner, seed_model_file, tmp_path, monkeypatch, MODEL_IMPORT_CONFINE=False)
+    assert_environment_folder_and_limits(seen, ImportLimits.from_config(app.config))
+
+
+def test_an_import_is_refused_when_the_sandbox_cannot_start(app, monkeypatch):
+    monkeypatch.setattr(model_sandbox, "BWRAP", "/nonexistent/bwrap")
+    message = refused(app, Path(model_sandbox.__file__), ISOLATED)
+    assert "the import sandbox could not start" in message and "MODEL_IMPORT_CONFINE=false" in message

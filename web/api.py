@@ -18,11 +18,12 @@ from serving import ClassifiedImage
 from web.auth import is_operator, require_api_caller
 from web.errors import WebError, json_error
 from web.extensions import csrf
-from web.limits import predict_limit
+from web.limits import images_sent, predict_limit
 from web.privacy import no_store
 from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 # Ten classes are the usual case; the cap keeps a request from asking for a huge ranking.
 MAX_TOP_K = 1000
 
@@ -33,11 +34,27 @@ bp.register_error_handler(Exception, json_error)
 
 @bp.before_request
 def refuse_cross_site() -> None:
-    """Scripts send no Origin; a browser on another site does. The Host header is not compared:
-    a DNS-rebinding page chooses it, and the Origin with it."""
+    """Scripts send no Origin; a browser on another site does. An Origin passes when it is this
+    server's own (scheme, host and port, as the request or the trusted proxies say) and its host
+    is trusted: a host alone is not enough, as another port or scheme is another program, and the
+    Host header alone is not either, as a DNS-rebinding page chooses it, and the Origin with it."""
     origin = request.headers.get("Origin")
-    if origin and not host_is_trusted(urlsplit(origin).netloc, current_app.config["TRUSTED_HOSTS"]):
+    if origin is None:
+        return
+    claimed, served = _origin_parts(origin), _origin_parts(f"{request.scheme}://{request.host}")
+    trusted = host_is_trusted(request.host, current_app.config["TRUSTED_HOSTS"])
+    if claimed is None or claimed != served or not trusted:
         raise WebError("Cross-site browser requests to the API are refused.", "cross_site")
+
+
+def _origin_parts(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None when malformed."""
+    parts = urlsplit(origin)
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts.scheme, (parts.hostname or "").lower(), port) if parts.hostname and port else None
 
 
 bp.before_request(require_api_caller)
@@ -82,6 +99,11 @@ def _prediction(image: ClassifiedImage, top_k: int | None, explain: bool) -> dic
 @no_store
 def predict():
     top_k, explain = _top_k(), _explain()
+    most = current_app.config["MAX_EXPLAINED_IMAGES"]
+    # Each map is a PNG of up to 1024 pixels a side (about 3 MB in base64 for a noisy photo): the
+    # cap bounds the work and the answer's size before any image is decoded.
+    if explain and images_sent() > most:
+        raise WebError(f"explain=1 is for at most {most} images per request: send the others apart.", "too_many_images")
     answered_by, result = classify_request("api", thumbnails=False, explain_side=heatmap.OVERLAY_MAX_SIDE * explain)
     answer = {"model": answered_by.describe(), "elapsed_ms": round(result.elapsed_ms, 2)}
     if explain:

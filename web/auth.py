@@ -16,7 +16,6 @@ to false; left at its default, a server bound to an address other than loopback 
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import re
@@ -29,6 +28,7 @@ from flask_login import current_user, login_user, logout_user
 import accounts
 import predictions
 from accounts import AccountLocked, Lockout, Viewer
+from web.credentials import metrics_token_sent
 from web.errors import STATUS_BY_CODE, WebError
 from web.extensions import login_manager
 from web.limits import login_limit
@@ -140,10 +140,9 @@ def may_read_metrics() -> bool:
     """An operator's session or key, the bearer METRICS_TOKEN, or (METRICS_ALLOW_LOOPBACK) a loopback client."""
     if current_user.is_authenticated and current_user.is_operator:
         return True
-    token = current_app.config.get("METRICS_TOKEN")
     authorization = request.authorization
-    if token and authorization and authorization.type == "bearer":
-        return hmac.compare_digest((authorization.token or "").encode(), str(token).encode())
+    if current_app.config.get("METRICS_TOKEN") and authorization and authorization.type == "bearer":
+        return metrics_token_sent()
     return bool(current_app.config["METRICS_ALLOW_LOOPBACK"]) and _is_loopback(request.remote_addr or "")
 
 

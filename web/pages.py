@@ -22,7 +22,7 @@ from database import db
 from web.auth import current_viewer, is_operator, require_page_login
 from web.errors import describe, html_error
 from web.extensions import model_serving
-from web.limits import predict_limit
+from web.limits import explain_limit, predict_limit
 from web.privacy import no_store
 from web.uploads import classify_request
 
@@ -114,6 +114,7 @@ def prediction_thumbnail(prediction_id: int):
 
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/explain")
 @no_store
+@explain_limit
 def prediction_explain(prediction_id: int):
     """Where the served model looks in a recorded image for the class chosen (the top class by
     default), drawn from the kept thumbnail."""
