@@ -9,9 +9,12 @@ JSON: whatever happens in there, the parent (the CLI) gets a clear ModelStoreErr
 The child also re-saves the model it loaded without HDF5 (model_files.py), and that file is
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
+For the same reason `flask models export ID model.keras|model.h5` writes standard Keras files
+here too (`export_in_child`).
 
 Run as a script, this module is that child:
-`python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE MEMORY_BYTES CPU_SECONDS`; it sets its
+`python model_sandbox.py FILE NAME MAX_PARAMS SERVED_FILE MEMORY_BYTES CPU_SECONDS`, or
+`python model_sandbox.py --export REGISTRY_FILE DESTINATION MEMORY_BYTES CPU_SECONDS`; it sets its
 own limits first (a `preexec_fn` could deadlock when the parent is a threaded web worker).
 """
 
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ERROR_EXIT = 2  # the child found the file unacceptable and printed why
+EXPORT_FLAG = "--export"
+EXPORT_SUFFIXES = (".keras", ".h5")
 # A shared library that cannot be mapped under the address-space limit is the same failure.
 MEMORY_MARKERS = (
     "MemoryError",
@@ -120,7 +125,7 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     if not np.isfinite(np.asarray(model(probe, training=False))).all():
         raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     activation = getattr(model.layers[-1], "activation", None)
-    _save_checked(model, probe, filename, served_file)
+    _save_checked(model, filename, served_file)
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],
@@ -129,20 +134,38 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     }
 
 
-def _save_checked(model, probe, filename: str, served_file: Path) -> None:
-    """Save the registry's file and load it back: it must give the loaded model's outputs."""
-    import numpy as np
-
+def _save_checked(model, filename: str, served_file: Path) -> None:
+    """Save the registry's file and load it back: loading checks it gives the model's outputs on
+    the probe images (model_files.py), as every later load will."""
     import model_files
 
     odd = sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind not in "biuf"})
     if odd:
         raise SandboxError(f"{filename}: weights of type {', '.join(odd)} cannot be stored; use float32")
-    model_files.save_model_file(model, served_file)
-    reloaded = model_files.load_model_file(served_file)
-    expected, got = np.asarray(model(probe, training=False)), np.asarray(reloaded(probe, training=False))
-    if expected.shape != got.shape or not np.allclose(expected, got, rtol=1e-4, atol=1e-5):
-        raise SandboxError(f"{filename}: the model does not give the same outputs once re-saved without HDF5")
+    try:
+        model_files.save_model_file(model, served_file)
+        model_files.load_model_file(served_file)
+    except model_files.ModelFileError as exc:
+        raise SandboxError(f"{filename}: the model cannot be stored without HDF5: {exc}") from exc
+
+
+def export_model_file(source: Path, destination: Path) -> None:
+    """Write the registry file `source` as a standard Keras file (`.keras` or `.h5`, by the
+    destination's suffix) and check that plain `keras.saving.load_model` gives the same outputs."""
+    import keras
+    import numpy as np
+
+    import model_files
+
+    if destination.suffix not in EXPORT_SUFFIXES:
+        raise SandboxError(f"{destination.name}: a Keras file is exported as .keras or .h5")
+    model = model_files.load_model_file(source)
+    model.save(destination)
+    probe = model_files.probe_batch(tuple(int(v) for v in model.inputs[0].shape[1:]))
+    reloaded = keras.saving.load_model(destination, compile=False, safe_mode=True)
+    expected, got = model_files.model_outputs(model, probe), model_files.model_outputs(reloaded, probe)
+    if not np.allclose(expected, got, rtol=model_files.PROBE_RTOL, atol=model_files.PROBE_ATOL):
+        raise SandboxError(f"{destination.name}: the exported file does not give the stored model's outputs")
 
 
 def _apply_limits(memory_bytes: int, cpu_seconds: int) -> None:
@@ -172,17 +195,19 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
 
 def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
     """`describe_model_file` in a child process under `limits`; a SandboxError says why not."""
+    arguments = [str(path), filename, str(limits.max_params), str(served_file)]
+    return _run_child(arguments, filename, limits)
+
+
+def export_in_child(source: Path, destination: Path, limits: ImportLimits) -> None:
+    """`export_model_file` in a child process under `limits`; a SandboxError says why not."""
+    _run_child([EXPORT_FLAG, str(source), str(destination)], destination.name, limits)
+
+
+def _run_child(arguments: list[str], filename: str, limits: ImportLimits) -> dict:
+    """Run this module as the child with `arguments` and the limits; its JSON answer."""
     script = str(Path(__file__).resolve())
-    command = [
-        sys.executable,
-        script,
-        str(path),
-        filename,
-        str(limits.max_params),
-        str(served_file),
-        str(limits.memory_bytes),
-        str(limits.cpu_seconds),
-    ]
+    command = [sys.executable, script, *arguments, str(limits.memory_bytes), str(limits.cpu_seconds)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     try:
         result = subprocess.run(
@@ -201,13 +226,18 @@ def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_fi
 
 
 def _child(argv: list[str]) -> int:
-    path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
-    _apply_limits(int(argv[4]), int(argv[5]))
+    _apply_limits(int(argv[-2]), int(argv[-1]))
+    import model_files
     import model_store
 
     try:
-        described = describe_model_file(path, filename, max_params, served_file)
-    except (SandboxError, model_store.ModelStoreError) as exc:
+        if argv[0] == EXPORT_FLAG:
+            export_model_file(Path(argv[1]), Path(argv[2]))
+            described = {"exported": argv[2]}
+        else:
+            path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
+            described = describe_model_file(path, filename, max_params, served_file)
+    except (SandboxError, model_store.ModelStoreError, model_files.ModelFileError) as exc:
         print(json.dumps({"error": str(exc)}))
         return ERROR_EXIT
     print(json.dumps(described))

@@ -1,13 +1,14 @@
 """The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
 
 Import validates a file before anything is committed and stores the model as the sandbox
-re-saved it, without HDF5 (model_files.py, model_sandbox.py say why); rehydration writes the
-active model's BLOB to the instance folder under its sha256 so each process can load it.
+re-saved it, without HDF5 (model_files.py, model_sandbox.py, docs/decisions/0001 say why);
+rehydration writes the active model's BLOB to the instance folder under its sha256 so each
+process can load it. Versions stored in an older format are re-saved once by
+`flask models upgrade-files` (`upgrade_files`), never while serving.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import os
@@ -35,13 +36,17 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
 from database import db
+from legacy_model_files import is_npz_model_file, load_npz_model
 from model_files import is_model_file, load_model_file
 from model_sandbox import (
+    EXPORT_SUFFIXES,
     ImportLimits,
     SandboxError,
     check_size,
     describe_in_child,
     describe_model_file,
+    export_in_child,
+    export_model_file,
 )
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
 
@@ -53,7 +58,8 @@ FIRST_REVISION = "0001"
 # operators see them on the model card; the API and other visitors do not.
 PRIVATE_METRICS = ("command", "data_source", "data_sha256", "report_files")
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
-STORED_FORMAT = "npz"  # model_files.py: what the registry stores whatever was imported
+STORED_FORMAT = "safetensors"  # model_files.py: what the registry stores whatever was imported
+LEGACY_FORMAT = "npz"  # legacy_model_files.py: the registry's first file, converted by upgrade_files
 
 
 class ModelStoreError(Exception):
@@ -153,28 +159,37 @@ def sha256_of(data: bytes) -> str:
 
 
 def detect_format(data: bytes) -> str:
-    """'h5', 'keras' or 'npz' (a registry model file, as `flask models export` writes it)."""
+    """'safetensors' (a registry model file, as `flask models export` writes it), 'h5', 'keras',
+    or 'npz' (the registry's first file format)."""
+    if is_model_file(io.BytesIO(data)):
+        return STORED_FORMAT
     for fmt, magic in FORMAT_MAGIC.items():
         if data.startswith(magic):
-            return STORED_FORMAT if fmt == "keras" and is_model_file(io.BytesIO(data)) else fmt
-    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .npz file")
+            return LEGACY_FORMAT if fmt == "keras" and is_npz_model_file(io.BytesIO(data)) else fmt
+    raise ModelStoreError(
+        "not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .safetensors file"
+    )
 
 
 def load_keras_model(path: Path, allow_hdf5: bool = False):
     """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code. Anything but a
-    registry model file (.h5, .keras) is refused unless `allow_hdf5` (the import sandbox, or a
-    file of our own)."""
+    registry model file (.h5, .keras, the old .npz) is refused unless `allow_hdf5` (the import
+    sandbox, or a file of our own)."""
     import keras
 
-    stored = is_model_file(Path(path))
+    path = Path(path)
+    stored = is_model_file(path)
     if not stored and not allow_hdf5:
         raise ModelStoreError(
-            f"{Path(path).name} is not a registry model file (.npz written by the import sandbox): "
-            ".h5 and .keras files are opened only in the sandbox"
+            f"{path.name} is not a registry model file (.safetensors written by the import sandbox): "
+            ".h5, .keras and .npz files are opened only in the sandbox"
         )
     try:
         if stored:
             return load_model_file(path)
+        with path.open("rb") as handle:
+            if is_npz_model_file(handle):
+                return load_npz_model(path)
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean "refused".
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -367,14 +382,33 @@ def verify(row: ModelVersion) -> None:
         raise ModelStoreError(f"model {row.id} is corrupt: its BLOB does not match the recorded sha256")
 
 
-def export(model_id: int, destination: str | Path) -> Path:
-    """Write a version's stored file (.npz) back out, byte for byte (after checking its hash)."""
+def export(model_id: int, destination: str | Path, limits: ImportLimits | None = None) -> Path:
+    """Write a version out: a standard Keras file when `destination` ends in .keras or .h5
+    (written and checked in the sandbox under `limits`), else the stored file byte for byte.
+    The BLOB's hash is checked first either way."""
     row = get_model(model_id)
     verify(row)
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / row.filename
-    atomic_write(destination, row.blob)
+    if destination.suffix not in EXPORT_SUFFIXES:
+        atomic_write(destination, row.blob)
+        return destination
+    if row.format != STORED_FORMAT:
+        raise ModelStoreError(_upgrade_needed(row))
+    limits = limits or ImportLimits(isolated=False)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".tmp-") as scratch:
+        source, written = Path(scratch) / f"model.{STORED_FORMAT}", Path(scratch) / f"export{destination.suffix}"
+        source.write_bytes(row.blob)
+        try:
+            if limits.isolated:
+                export_in_child(source, written, limits)
+            else:
+                export_model_file(source, written)
+        except SandboxError as exc:
+            raise ModelStoreError(str(exc)) from exc
+        os.replace(written, destination)
     return destination
 
 
@@ -393,35 +427,37 @@ def atomic_write(destination: Path, data: bytes) -> None:
         raise
 
 
-def served_file(row: ModelVersion, directory: str | Path, limits: ImportLimits | None = None) -> Path:
-    """The file a worker loads: the rehydrated BLOB, or for a version stored as imported (.h5 or
-    .keras, before imports were re-saved) a copy converted once in the sandbox, kept beside it.
-    `limits` bound that sandbox (the defaults when None)."""
-    path = rehydrate(row, directory)
-    if row.format == STORED_FORMAT:
-        return path
-    converted = path.with_name(f"{row.sha256}.served.{STORED_FORMAT}")
-    try:
-        # One process converts; the others wait for its file instead of converting too.
-        with path.with_name(f"{row.sha256}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not is_model_file(converted):
-                _convert(path, row.filename, limits or ImportLimits(), converted)
-    except OSError as exc:
-        raise ModelStoreError(f"cannot write the converted model file: {exc.strerror}") from exc
+def served_file(row: ModelVersion, directory: str | Path) -> Path:
+    """The file a worker loads: the rehydrated BLOB, refused for a version still stored in an
+    older format (`flask models upgrade-files` converts those once, in the sandbox)."""
+    if row.format != STORED_FORMAT:
+        raise ModelStoreError(_upgrade_needed(row))
+    return rehydrate(row, directory)
+
+
+def _upgrade_needed(row: ModelVersion) -> str:
+    return (
+        f"model {row.id} is stored as {row.format}, not as a registry .{STORED_FORMAT} file: "
+        "run `flask models upgrade-files` once to convert it"
+    )
+
+
+def upgrade_files(limits: ImportLimits | None = None) -> list[tuple[ModelVersion, str]]:
+    """Re-save every version stored in an older format (.h5, .keras or the first .npz file) as a
+    registry file, through the import sandbox under `limits`, one transaction per version; the
+    versions converted, each with its old format. A version that fails stops the run, unchanged."""
+    converted = []
+    for row in db.session.scalars(select(ModelVersion).where(ModelVersion.format != STORED_FORMAT)):
+        verify(row)
+        old_format = row.format
+        described, served = inspect_model_bytes(row.blob, row.filename, limits)
+        if described["output_width"] != len(row.class_names) or described["input_shape"] != list(row.input_shape):
+            raise ModelStoreError(f"model {row.id}: the converted file no longer matches its registry row")
+        with _transaction():
+            row.blob, row.size, row.sha256, row.format = served, len(served), sha256_of(served), STORED_FORMAT
+            row.filename = f"{Path(row.filename).stem[:240]}.{STORED_FORMAT}"
+        converted.append((row, old_format))
     return converted
-
-
-def _convert(path: Path, filename: str, limits: ImportLimits, converted: Path) -> None:
-    handle, scratch = tempfile.mkstemp(dir=converted.parent, prefix=".tmp-", suffix=f".{STORED_FORMAT}")
-    os.close(handle)
-    try:
-        describe_in_child(path, filename, limits, Path(scratch))
-        os.replace(scratch, converted)
-    except SandboxError as exc:
-        raise ModelStoreError(str(exc)) from exc
-    finally:
-        Path(scratch).unlink(missing_ok=True)
 
 
 def rehydrate(row: ModelVersion, directory: str | Path) -> Path:

@@ -24,7 +24,6 @@ from batching import MicroBatcher
 from calibration import Calibration
 from database import db
 from explain import Explainer, NoExplanation, Unexplainable, explainer_for
-from model_sandbox import ImportLimits
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -113,11 +112,9 @@ def load_version(
     directory: Path,
     batching: BatchingConfig = BatchingConfig(),
     calibrated_at=None,
-    limits: ImportLimits | None = None,
 ) -> LoadedModel:
-    """Rehydrate a registry row to a file, load it in safe mode, warm it up. `limits` bound the
-    sandbox that converts a version stored before imports were re-saved."""
-    model = model_store.load_keras_model(model_store.served_file(row, directory, limits))
+    """Rehydrate a registry row to a file, load it in safe mode (its probe outputs checked), warm it up."""
+    model = model_store.load_keras_model(model_store.served_file(row, directory))
     spec = spec_of(row)
     predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
     predictor.warm_up()
@@ -143,12 +140,10 @@ class ModelHolder:
         directory: Path,
         poll_seconds: float = 1.0,
         batching: BatchingConfig = BatchingConfig(),
-        limits: ImportLimits | None = None,
     ):
         self.directory = directory
         self.poll_seconds = poll_seconds
         self.batching = batching
-        self.limits = limits
         self.error: str | None = None
         self._loaded: LoadedModel | None = None
         self._failed: tuple | None = None
@@ -195,7 +190,7 @@ class ModelHolder:
             row = db.session.get(ModelVersion, model_id)
             if row is None:
                 raise ModelStoreError(f"model {model_id} was deleted while being activated")
-            loaded = load_version(row, self.directory, self.batching, calibrated_at, self.limits)
+            loaded = load_version(row, self.directory, self.batching, calibrated_at)
         except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
             self._failed = (sha, calibrated_at)
             self.error = f"the active model (id {model_id}) cannot be served: {exc}"

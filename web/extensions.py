@@ -14,7 +14,6 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFProtect
 
-from model_sandbox import ImportLimits
 from serving import BatchingConfig, DecodeBudget, LoadedModel, ModelHolder
 from web.errors import WebError
 
@@ -35,7 +34,6 @@ class ModelServing:
             Path(config["MODEL_CACHE_DIR"]),
             float(config["MODEL_POLL_SECONDS"]),
             batching,
-            ImportLimits.from_config(config),
         )
         # Per process: gunicorn's workers each have their own budget, shared by their threads.
         app.extensions["decode_budget"] = DecodeBudget(
