@@ -3,7 +3,6 @@ predictions from files and the feedback export."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 import heatmap
+import metrics_schema
 import model_store
 import predictions
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
@@ -31,8 +31,9 @@ def _fail(message: str) -> None:
 
 
 def _read_metrics(path: Path) -> dict:
+    """A metrics JSON, normalised, with the calibration.safetensors beside it (metrics_schema.py)."""
     try:
-        return json.loads(path.read_text())
+        return metrics_schema.read_metrics(path)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from exc
 

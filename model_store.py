@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
+import metrics_schema
 from database import db
 from legacy_model_files import is_npz_model_file, load_npz_model
 from model_files import is_model_file, load_model_file
@@ -129,8 +130,9 @@ class ModelVersion(db.Model):
 
 
 class ModelCalibration(db.Model):
-    """A model's calibration (see calibration.py and ood.py): a small public summary, and the
-    whole record with the OOD statistics, loaded only when the model is served or its card drawn."""
+    """A model's calibration (see calibration.py and ood.py): a small public summary, the record
+    without its OOD arrays (what the model card reads: a few kB of JSON) and those arrays as a
+    safetensors BLOB (megabytes), loaded only when the model is served."""
 
     __tablename__ = "model_calibrations"
 
@@ -138,6 +140,7 @@ class ModelCalibration(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     summary: Mapped[dict] = mapped_column(JSON, nullable=False)
     record: Mapped[dict] = deferred(mapped_column(JSON, nullable=False))
+    stats: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
 
 
 def init_db() -> None:
@@ -251,7 +254,7 @@ def import_model(
         raise ModelStoreError(str(exc)) from exc
     if metrics is not None and not isinstance(metrics, dict):
         raise ModelStoreError("metrics must be a JSON object")
-    metrics = dict(metrics or {})
+    metrics = metrics_schema.normalise(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
     described, served = inspect_model_bytes(data, path.name, limits)
@@ -324,8 +327,17 @@ def get_active() -> ModelVersion | None:
 
 
 def get_calibration(model_id: int) -> dict | None:
-    """A model's whole calibration record, or None when it is not calibrated."""
+    """A model's calibration record without its OOD arrays (what the model card shows), or None
+    when it is not calibrated."""
     return db.session.scalar(select(ModelCalibration.record).where(ModelCalibration.model_id == model_id))
+
+
+def get_full_calibration(model_id: int) -> dict | None:
+    """The whole calibration record, OOD arrays included (what serving applies), or None."""
+    found = db.session.execute(
+        select(ModelCalibration.record, ModelCalibration.stats).where(ModelCalibration.model_id == model_id)
+    ).first()
+    return calibration.join_record(found.record, found.stats) if found else None
 
 
 def calibration_summaries() -> dict[int, dict]:
@@ -345,7 +357,7 @@ def _put_calibration(model_id: int, record: dict) -> None:
     row = db.session.get(ModelCalibration, model_id) or ModelCalibration(model_id=model_id)
     row.created_at = datetime.now(UTC)
     row.summary = calibration.summary(record)
-    row.record = record
+    row.record, row.stats = calibration.split_record(record)
     db.session.add(row)
 
 

@@ -116,7 +116,7 @@ def load_version(
     """Rehydrate a registry row to a file, load it in safe mode (its probe outputs checked), warm it up."""
     model = model_store.load_keras_model(model_store.served_file(row, directory))
     spec = spec_of(row)
-    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
+    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_full_calibration(row.id)))
     predictor.warm_up()
     explainer = explainer_for(model, spec, (row.metrics or {}).get("explain_layer"))
     batcher = None
