@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,10 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     if not np.isfinite(np.asarray(model(probe, training=False))).all():
         raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     activation = getattr(model.layers[-1], "activation", None)
-    _save_checked(model, filename, served_file)
+    if fmt == model_store.STORED_FORMAT:
+        shutil.copyfile(path, served_file)  # a registry file, checked as it loaded: stored as it is
+    else:
+        _save_checked(model, filename, served_file)
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],
