@@ -95,7 +95,7 @@ class ModelVersion(db.Model):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     filename: Mapped[str] = mapped_column(String(255), nullable=False)
-    format: Mapped[str] = mapped_column(String(10), nullable=False)
+    format: Mapped[str] = mapped_column(String(20), nullable=False)
     blob: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
     size: Mapped[int] = mapped_column(Integer, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -7,7 +7,8 @@ Create Date: 2026-12-02 17:00:00
 Each calibration record kept its OOD class means and precision matrices inline as JSON (4.5 MB
 for the shipped model), parsed on every model-card view. They move to `model_calibrations.stats`
 (safetensors, calibration.split_record); the JSON keeps the rest. Each model's metrics get the
-documented key names (metrics_schema.normalise). Model files themselves are converted by
+documented key names (metrics_schema.normalise). `model_versions.format` widens to 20 characters
+for "safetensors". Model files themselves are converted by
 `flask models upgrade-files` (it needs the import sandbox and TensorFlow, not a migration).
 """
 
@@ -34,6 +35,8 @@ models = sa.table("model_versions", sa.column("id", sa.Integer()), sa.column("me
 
 
 def upgrade():
+    with op.batch_alter_table("model_versions", schema=None) as batch_op:  # "safetensors" is 11 characters
+        batch_op.alter_column("format", existing_type=sa.String(10), type_=sa.String(20), existing_nullable=False)
     with op.batch_alter_table("model_calibrations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("stats", sa.LargeBinary(), nullable=True))
     connection = op.get_bind()
@@ -59,6 +62,8 @@ def downgrade():
         connection.execute(calibrations.update().where(calibrations.c.model_id == model_id).values(record=whole))
     with op.batch_alter_table("model_calibrations", schema=None) as batch_op:
         batch_op.drop_column("stats")
+    with op.batch_alter_table("model_versions", schema=None) as batch_op:
+        batch_op.alter_column("format", existing_type=sa.String(20), type_=sa.String(10), existing_nullable=False)
 
 
 def _as_lists(record: dict) -> dict:
