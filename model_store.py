@@ -151,6 +151,8 @@ def init_db() -> None:
     """
     from flask_migrate import stamp, upgrade
 
+    # A migration may alter a table this session has read: PostgreSQL would wait on its lock.
+    db.session.close()
     tables = set(inspect(db.engine).get_table_names())
     if "model_versions" in tables and "alembic_version" not in tables:
         stamp(revision=FIRST_REVISION)
