@@ -35,8 +35,7 @@ models = sa.table("model_versions", sa.column("id", sa.Integer()), sa.column("me
 
 
 def upgrade():
-    with op.batch_alter_table("model_versions", schema=None) as batch_op:  # "safetensors" is 11 characters
-        batch_op.alter_column("format", existing_type=sa.String(10), type_=sa.String(20), existing_nullable=False)
+    _set_format_length(10, 20)  # "safetensors" is 11 characters
     with op.batch_alter_table("model_calibrations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("stats", sa.LargeBinary(), nullable=True))
     connection = op.get_bind()
@@ -62,8 +61,15 @@ def downgrade():
         connection.execute(calibrations.update().where(calibrations.c.model_id == model_id).values(record=whole))
     with op.batch_alter_table("model_calibrations", schema=None) as batch_op:
         batch_op.drop_column("stats")
-    with op.batch_alter_table("model_versions", schema=None) as batch_op:
-        batch_op.alter_column("format", existing_type=sa.String(20), type_=sa.String(10), existing_nullable=False)
+    _set_format_length(20, 10)
+
+
+def _set_format_length(old: int, new: int) -> None:
+    # SQLite does not enforce VARCHAR lengths, and its batch mode copies and drops model_versions,
+    # which with foreign keys on would cascade-delete every calibration and prediction row.
+    if op.get_bind().dialect.name == "sqlite":
+        return
+    op.alter_column("model_versions", "format", existing_type=sa.String(old), type_=sa.String(new), nullable=False)
 
 
 def _as_lists(record: dict) -> dict:
