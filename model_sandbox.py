@@ -40,6 +40,7 @@ MEMORY_MARKERS = (
     "Cannot allocate memory",
     "SystemError: error return without exception",
     "failed to map segment from shared object",
+    "Memory allocation still failed",  # OpenBLAS, when numpy loads it under the limit
 )
 
 

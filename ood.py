@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 HELDOUT_PASS_RATE = 0.95
 # Shrinks the shared covariance towards its mean variance so the inverse stays stable when a
@@ -169,6 +167,8 @@ ARRAY_KEYS = ("means", "precisions")
 
 def split_arrays(record: dict) -> tuple[dict, bytes]:
     """A whole OOD record as its small JSON part and a safetensors BLOB of the per-layer arrays."""
+    from safetensors.numpy import save as save_tensors  # here: the import sandbox never needs it
+
     small = {key: value for key, value in record.items() if key not in ARRAY_KEYS}
     tensors = {
         f"{layer}/{key}": np.ascontiguousarray(np.asarray(record[key][index], np.float32))
@@ -180,6 +180,8 @@ def split_arrays(record: dict) -> tuple[dict, bytes]:
 
 def join_arrays(small: dict, blob: bytes) -> dict:
     """The whole OOD record again, from `split_arrays`' two parts."""
+    from safetensors.numpy import load as load_tensors
+
     tensors = load_tensors(blob)
     try:
         arrays = {key: [tensors[f"{layer}/{key}"] for layer in small["layers"]] for key in ARRAY_KEYS}
