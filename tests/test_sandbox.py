@@ -58,3 +58,15 @@ def test_the_cli_imports_a_good_model_through_the_sandbox(app, runner, other_mod
     with app.app_context():
         row = next(row for row in model_store.list_models() if row.name == "checked")
         assert row.input_shape == [32, 32, 3] and row.output_kind == "logits"
+
+
+def test_export_to_h5_is_written_in_the_child_and_loads_in_plain_keras(app, seed_model_file, tmp_path):
+    import keras
+    import numpy as np
+
+    with app.app_context():
+        written = model_store.export(1, tmp_path / "back.h5", ISOLATED)
+    images = np.random.default_rng(6).random((2, 32, 32, 3), dtype=np.float32)
+    expected = keras.models.load_model(seed_model_file, compile=False)(images)
+    got = keras.models.load_model(written, compile=False)(images)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
