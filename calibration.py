@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ood import OodStats
+from ood import OodStats, has_arrays, join_arrays, split_arrays
 from predictor import softmax
 
 DECISIONS = ("confident", "unsure", "unknown")
@@ -238,6 +238,25 @@ class Calibration:
         if self.confidence_threshold is not None and top_probability < self.confidence_threshold:
             return "unsure"
         return "confident"
+
+
+def split_record(record: dict) -> tuple[dict, bytes | None]:
+    """A whole calibration record as the small JSON the registry and metrics.json keep, and the
+    BLOB of its OOD arrays (None without an OOD part)."""
+    if not (record.get("ood") and has_arrays(record["ood"])):
+        return record, None
+    small_ood, blob = split_arrays(record["ood"])
+    return {**record, "ood": small_ood}, blob
+
+
+def join_record(record: dict, stats: bytes | None) -> dict:
+    """The whole record again from `split_record`'s parts (a record with its arrays inline, as
+    old metrics.json files have them, is already whole)."""
+    if not record.get("ood") or has_arrays(record["ood"]):
+        return record
+    if stats is None:
+        raise ValueError("the calibration's OOD statistics are missing (no calibration.safetensors or BLOB)")
+    return {**record, "ood": join_arrays(record["ood"], stats)}
 
 
 def summary(record: dict | None) -> dict:

@@ -3,7 +3,6 @@ predictions from files and the feedback export."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 import heatmap
+import metrics_schema
 import model_store
 import predictions
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
@@ -21,7 +21,9 @@ from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
 from serving import Upload, clean_filename, spec_of
 from web.extensions import model_serving
 
-models_group = AppGroup("models", help="The model registry: import, list, activate, export, delete, check.")
+models_group = AppGroup(
+    "models", help="The model registry: import, list, activate, export, delete, check, upgrade-files."
+)
 
 
 def _fail(message: str) -> None:
@@ -29,8 +31,9 @@ def _fail(message: str) -> None:
 
 
 def _read_metrics(path: Path) -> dict:
+    """A metrics JSON, normalised, with the calibration.safetensors beside it (metrics_schema.py)."""
     try:
-        return json.loads(path.read_text())
+        return metrics_schema.read_metrics(path)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from exc
 
@@ -124,14 +127,29 @@ def activate_command(model_id: int) -> None:
 @click.argument("model_id", type=int)
 @click.argument("path", type=click.Path(path_type=Path))
 def export_command(model_id: int, path: Path) -> None:
-    """Write a version's stored model file (.npz, without HDF5) back out, byte for byte."""
+    """Write a version out: PATH ending in .keras or .h5 gets a standard Keras file (made in the
+    import sandbox, loads with plain keras.models.load_model); any other PATH the registry's own
+    file (.safetensors), byte for byte."""
     try:
-        written = model_store.export(model_id, path)
+        written = model_store.export(model_id, path, ImportLimits.from_config(current_app.config))
     except ModelStoreError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write {path}: {exc.strerror}")
     click.echo(f"wrote {written}")
+
+
+@models_group.command("upgrade-files")
+def upgrade_files_command() -> None:
+    """Re-save, once, every version stored in an older format (the first .npz file, or .h5 and
+    .keras from before imports were re-saved) as a registry file, in the import sandbox."""
+    try:
+        converted = model_store.upgrade_files(ImportLimits.from_config(current_app.config))
+    except ModelStoreError as exc:
+        _fail(f"upgrade stopped: {exc}")
+    for row, old_format in converted:
+        click.echo(f"model {row.id} ({row.name} v{row.version}): {old_format} -> {row.format}, {row.sha256[:12]}")
+    click.echo(f"{len(converted)} model file(s) upgraded; every version is stored as {model_store.STORED_FORMAT}")
 
 
 @models_group.command("delete")
@@ -251,11 +269,7 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
 
     try:
         row = model_store.get_model(model_id)
-        model = model_store.load_keras_model(
-            model_store.served_file(
-                row, current_app.config["MODEL_CACHE_DIR"], ImportLimits.from_config(current_app.config)
-            )
-        )
+        model = model_store.load_keras_model(model_store.served_file(row, current_app.config["MODEL_CACHE_DIR"]))
         record = calibrate_folder(model, spec_of(row), data, val_fraction, seed, target_accuracy)
         model_store.set_calibration(model_id, record)
     except (ModelStoreError, ValueError) as exc:

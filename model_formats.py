@@ -8,10 +8,12 @@ import io
 from pathlib import Path
 
 from app_errors import AppError
+from legacy_model_files import is_npz_model_file, load_npz_model
 from model_files import is_model_file, load_model_file
 
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
-STORED_FORMAT = "npz"  # model_files.py: what the registry stores whatever was imported
+STORED_FORMAT = "safetensors"  # model_files.py: what the registry stores whatever was imported
+LEGACY_FORMAT = "npz"  # legacy_model_files.py: the registry's first file, converted by upgrade_files
 
 
 class ModelStoreError(AppError):
@@ -21,28 +23,37 @@ class ModelStoreError(AppError):
 
 
 def detect_format(data: bytes) -> str:
-    """'h5', 'keras' or 'npz' (a registry model file, as `flask models export` writes it)."""
+    """'safetensors' (a registry model file, as `flask models export` writes it), 'h5', 'keras',
+    or 'npz' (the registry's first file format)."""
+    if is_model_file(io.BytesIO(data)):
+        return STORED_FORMAT
     for fmt, magic in FORMAT_MAGIC.items():
         if data.startswith(magic):
-            return STORED_FORMAT if fmt == "keras" and is_model_file(io.BytesIO(data)) else fmt
-    raise ModelStoreError("not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .npz file")
+            return LEGACY_FORMAT if fmt == "keras" and is_npz_model_file(io.BytesIO(data)) else fmt
+    raise ModelStoreError(
+        "not a Keras model file: expected an HDF5 (.h5), a .keras (zip) or an exported .safetensors file"
+    )
 
 
 def load_keras_model(path: Path, allow_hdf5: bool = False):
     """Load a model file in Keras' safe mode: no Lambda layers, no arbitrary code. Anything but a
-    registry model file (.h5, .keras) is refused unless `allow_hdf5` (the import sandbox, or a
-    file of our own)."""
+    registry model file (.h5, .keras, the old .npz) is refused unless `allow_hdf5` (the import
+    sandbox, or a file of our own)."""
     import keras
 
-    stored = is_model_file(Path(path))
+    path = Path(path)
+    stored = is_model_file(path)
     if not stored and not allow_hdf5:
         raise ModelStoreError(
-            f"{Path(path).name} is not a registry model file (.npz written by the import sandbox): "
-            ".h5 and .keras files are opened only in the sandbox"
+            f"{path.name} is not a registry model file (.safetensors written by the import sandbox): "
+            ".h5, .keras and .npz files are opened only in the sandbox"
         )
     try:
         if stored:
             return load_model_file(path)
+        with path.open("rb") as handle:
+            if is_npz_model_file(handle):
+                return load_npz_model(path)
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean "refused".
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -19,10 +19,13 @@ keeps everything above but the namespaces.
 The child also re-saves the model it loaded without HDF5 (model_files.py), and that file is
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
+For the same reason `flask models export ID model.keras|model.h5` writes standard Keras files
+here too (`export_in_child`).
 
-Run as a script, this module is that child: `python model_sandbox.py FILE NAME MAX_PARAMS
-SERVED_FILE MEMORY_BYTES CPU_SECONDS FILE_BYTES PROCESSES`; it sets its own limits first (a
-`preexec_fn` could deadlock when the parent is a threaded web worker).
+Run as a script, this module is that child: `python model_sandbox.py FILE OUTPUT MEMORY_BYTES
+CPU_SECONDS FILE_BYTES PROCESSES (NAME MAX_PARAMS | --export)`: it describes FILE and saves the
+registry file to OUTPUT, or writes the registry file FILE as the Keras file OUTPUT. It sets its own
+limits first (a `preexec_fn` could deadlock when the parent is a threaded web worker).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ERROR_EXIT = 2  # the child found the file unacceptable and printed why
+EXPORT_FLAG = "--export"
+EXPORT_SUFFIXES = (".keras", ".h5")
 # A shared library that cannot be mapped under the address-space limit is the same failure.
 MEMORY_MARKERS = (
     "MemoryError",
@@ -56,6 +61,7 @@ BWRAP = "bwrap"
 SANDBOX_DIR = "/sandbox"  # the child's working directory inside bubblewrap: the file, its output
 UPLOAD_NAME = "upload"  # the file as the child receives it: it finds the format itself
 SERVED_NAME = "served"
+EXPORTED_NAME = "exported"  # + .keras or .h5: Keras picks the writer by the suffix
 UNPRIVILEGED_USER = "nobody"  # whom the child runs as when the parent is root
 # Everything the child's environment holds: nothing of the parent's (tokens, keys, DATABASE_URL).
 CHILD_ENV = {
@@ -168,7 +174,10 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     if not np.isfinite(np.asarray(model(probe, training=False))).all():
         raise SandboxError(f"{filename}: the model's output on a test image is not finite (NaN or infinity)")
     activation = getattr(model.layers[-1], "activation", None)
-    _save_checked(model, probe, filename, served_file)
+    if fmt == model_formats.STORED_FORMAT:
+        shutil.copyfile(path, served_file)  # a registry file, checked as it loaded: stored as it is
+    else:
+        _save_checked(model, filename, served_file)
     return {
         "format": fmt,
         "input_shape": [int(v) for v in input_shape[1:]],
@@ -177,20 +186,38 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     }
 
 
-def _save_checked(model, probe, filename: str, served_file: Path) -> None:
-    """Save the registry's file and load it back: it must give the loaded model's outputs."""
-    import numpy as np
-
+def _save_checked(model, filename: str, served_file: Path) -> None:
+    """Save the registry's file and load it back: loading checks it gives the model's outputs on
+    the probe images (model_files.py), as every later load will."""
     import model_files
 
     odd = sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind not in "biuf"})
     if odd:
         raise SandboxError(f"{filename}: weights of type {', '.join(odd)} cannot be stored; use float32")
-    model_files.save_model_file(model, served_file)
-    reloaded = model_files.load_model_file(served_file)
-    expected, got = np.asarray(model(probe, training=False)), np.asarray(reloaded(probe, training=False))
-    if expected.shape != got.shape or not np.allclose(expected, got, rtol=1e-4, atol=1e-5):
-        raise SandboxError(f"{filename}: the model does not give the same outputs once re-saved without HDF5")
+    try:
+        model_files.save_model_file(model, served_file)
+        model_files.load_model_file(served_file)
+    except model_files.ModelFileError as exc:
+        raise SandboxError(f"{filename}: the model cannot be stored without HDF5: {exc}") from exc
+
+
+def export_model_file(source: Path, destination: Path) -> None:
+    """Write the registry file `source` as a standard Keras file (`.keras` or `.h5`, by the
+    destination's suffix) and check that plain `keras.saving.load_model` gives the same outputs."""
+    import keras
+    import numpy as np
+
+    import model_files
+
+    if destination.suffix not in EXPORT_SUFFIXES:
+        raise SandboxError(f"{destination.name}: a Keras file is exported as .keras or .h5")
+    model = model_files.load_model_file(source)
+    model.save(destination)
+    probe = model_files.probe_batch(tuple(int(v) for v in model.inputs[0].shape[1:]))
+    reloaded = keras.saving.load_model(destination, compile=False, safe_mode=True)
+    expected, got = model_files.model_outputs(model, probe), model_files.model_outputs(reloaded, probe)
+    if not np.allclose(expected, got, rtol=model_files.PROBE_RTOL, atol=model_files.PROBE_ATOL):
+        raise SandboxError(f"{destination.name}: the exported file does not give the stored model's outputs")
 
 
 def _apply_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int, processes: int) -> None:
@@ -223,18 +250,31 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
 
 def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
     """`describe_model_file` in a confined child process under `limits`; a SandboxError says why not."""
+    served_name = SERVED_NAME + served_file.suffix
+    return _in_child(path, served_name, served_file, [filename, str(limits.max_params)], filename, limits)
+
+
+def export_in_child(source: Path, destination: Path, limits: ImportLimits) -> None:
+    """`export_model_file` in a confined child process under `limits`; a SandboxError says why not."""
+    _in_child(source, EXPORTED_NAME + destination.suffix, destination, [EXPORT_FLAG], destination.name, limits)
+
+
+def _in_child(
+    source: Path, output_name: str, target: Path, arguments: list[str], filename: str, limits: ImportLimits
+) -> dict:
+    """Run the child on a copy of `source` alone in a scratch folder, copy the file it writes as
+    `output_name` to `target`, and return its JSON answer."""
     with tempfile.TemporaryDirectory(prefix="imgcls-import-") as scratch:
         folder = Path(scratch)
-        shutil.copyfile(path, folder / UPLOAD_NAME)
+        shutil.copyfile(source, folder / UPLOAD_NAME)
         user = _child_user()
         if user:
             for owned in (folder, folder / UPLOAD_NAME):
                 os.chown(owned, *user)
-        served_name = SERVED_NAME + served_file.suffix
-        result = _run_child(folder, filename, limits, served_name, user)
+        result = _run_child(folder, output_name, arguments, filename, limits, user)
         if result.returncode != 0:
             raise SandboxError(_failure(result, filename, limits))
-        _copy_out(folder / served_name, served_file, filename)
+        _copy_out(folder / output_name, target, filename)
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -261,7 +301,12 @@ def _drop_to(user: tuple[int, int]) -> list[str]:
 
 
 def _run_child(
-    folder: Path, filename: str, limits: ImportLimits, served_name: str, user: tuple[int, int] | None
+    folder: Path,
+    output_name: str,
+    arguments: list[str],
+    filename: str,
+    limits: ImportLimits,
+    user: tuple[int, int] | None,
 ) -> subprocess.CompletedProcess:
     workdir = SANDBOX_DIR if limits.confined else str(folder)
     command = [
@@ -271,13 +316,12 @@ def _run_child(
         "-B",
         str(CHILD_SCRIPT),
         f"{workdir}/{UPLOAD_NAME}",
-        filename,
-        str(limits.max_params),
-        f"{workdir}/{served_name}",
+        f"{workdir}/{output_name}",
         str(limits.memory_bytes),
         str(limits.cpu_seconds),
         str(limits.file_bytes),
         str(limits.processes),
+        *arguments,
     ]
     if user:
         command = [*_drop_to(user), *command]
@@ -348,13 +392,18 @@ def _copy_out(source: Path, target: Path, filename: str) -> None:
 
 
 def _child(argv: list[str]) -> int:
-    path, filename, max_params, served_file = Path(argv[0]), argv[1], int(argv[2]), Path(argv[3])
-    _apply_limits(*(int(value) for value in argv[4:8]))
+    path, output = Path(argv[0]), Path(argv[1])
+    _apply_limits(*(int(value) for value in argv[2:6]))
+    import model_files
     from model_formats import ModelStoreError
 
     try:
-        described = describe_model_file(path, filename, max_params, served_file)
-    except (SandboxError, ModelStoreError) as exc:
+        if argv[6] == EXPORT_FLAG:
+            export_model_file(path, output)
+            described = {"exported": output.name}
+        else:
+            described = describe_model_file(path, argv[6], int(argv[7]), output)
+    except (SandboxError, ModelStoreError, model_files.ModelFileError) as exc:
         print(json.dumps({"error": str(exc)}))
         return ERROR_EXIT
     print(json.dumps(described))

@@ -1,13 +1,14 @@
 """The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
 
 Import validates a file before anything is committed and stores the model as the sandbox
-re-saved it, without HDF5 (model_files.py, model_sandbox.py say why); rehydration writes the
-active model's BLOB to the instance folder under its sha256 so each process can load it.
+re-saved it, without HDF5 (model_files.py, model_sandbox.py, docs/decisions/0001 say why);
+rehydration writes the active model's BLOB to the instance folder under its sha256 so each
+process can load it. Versions stored in an older format are re-saved once by
+`flask models upgrade-files` (`upgrade_files`), never while serving.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -33,16 +34,19 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 import calibration
+import metrics_schema
 from database import db
-from model_files import is_model_file
 from model_formats import STORED_FORMAT, ModelStoreError
 from model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
 from model_sandbox import (
+    EXPORT_SUFFIXES,
     ImportLimits,
     SandboxError,
     check_size,
     describe_in_child,
     describe_model_file,
+    export_in_child,
+    export_model_file,
 )
 from model_spec import SETTING_DEFAULTS, ModelSpec
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
@@ -70,11 +74,8 @@ PUBLIC_METRICS: dict[str, object] = {
             "final_val_accuracy",
             "history",
             "epochs",
-            "batch_size",
-            "learning_rate",
-            "weight_decay",
-            "precision",
-            "seed",
+            "recipe",
+            "random_seed",
             "distribute",
             "replicas",
             "train_images",
@@ -131,7 +132,7 @@ class ModelVersion(db.Model):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     filename: Mapped[str] = mapped_column(String(255), nullable=False)
-    format: Mapped[str] = mapped_column(String(10), nullable=False)
+    format: Mapped[str] = mapped_column(String(20), nullable=False)
     blob: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
     size: Mapped[int] = mapped_column(Integer, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -166,8 +167,9 @@ class ModelVersion(db.Model):
 
 
 class ModelCalibration(db.Model):
-    """A model's calibration (see calibration.py and ood.py): a small public summary, and the
-    whole record with the OOD statistics, loaded only when the model is served or its card drawn."""
+    """A model's calibration (see calibration.py and ood.py): a small public summary, the record
+    without its OOD arrays (what the model card reads: a few kB of JSON) and those arrays as a
+    safetensors BLOB (megabytes), loaded only when the model is served."""
 
     __tablename__ = "model_calibrations"
 
@@ -175,6 +177,7 @@ class ModelCalibration(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     summary: Mapped[dict] = mapped_column(JSON, nullable=False)
     record: Mapped[dict] = deferred(mapped_column(JSON, nullable=False))
+    stats: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
 
 
 def init_db() -> None:
@@ -185,6 +188,8 @@ def init_db() -> None:
     """
     from flask_migrate import stamp, upgrade
 
+    # A migration may alter a table this session has read: PostgreSQL would wait on its lock.
+    db.session.close()
     tables = set(inspect(db.engine).get_table_names())
     if "model_versions" in tables and "alembic_version" not in tables:
         stamp(revision=FIRST_REVISION)
@@ -251,7 +256,7 @@ def import_model(
         raise ModelStoreError(str(exc)) from exc
     if metrics is not None and not isinstance(metrics, dict):
         raise ModelStoreError("metrics must be a JSON object")
-    metrics = dict(metrics or {})
+    metrics = metrics_schema.normalise(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
     described, served = inspect_model_bytes(data, path.name, limits)
@@ -331,8 +336,17 @@ def get_active() -> ModelVersion | None:
 
 
 def get_calibration(model_id: int) -> dict | None:
-    """A model's whole calibration record, or None when it is not calibrated."""
+    """A model's calibration record without its OOD arrays (what the model card shows), or None
+    when it is not calibrated."""
     return db.session.scalar(select(ModelCalibration.record).where(ModelCalibration.model_id == model_id))
+
+
+def get_full_calibration(model_id: int) -> dict | None:
+    """The whole calibration record, OOD arrays included (what serving applies), or None."""
+    found = db.session.execute(
+        select(ModelCalibration.record, ModelCalibration.stats).where(ModelCalibration.model_id == model_id)
+    ).first()
+    return calibration.join_record(found.record, found.stats) if found else None
 
 
 def calibration_summaries() -> dict[int, dict]:
@@ -352,7 +366,7 @@ def _put_calibration(model_id: int, record: dict) -> None:
     row = db.session.get(ModelCalibration, model_id) or ModelCalibration(model_id=model_id)
     row.created_at = datetime.now(UTC)
     row.summary = calibration.summary(record)
-    row.record = record
+    row.record, row.stats = calibration.split_record(record)
     db.session.add(row)
 
 
@@ -389,14 +403,33 @@ def verify(row: ModelVersion) -> None:
         raise ModelStoreError(f"model {row.id} is corrupt: its BLOB does not match the recorded sha256")
 
 
-def export(model_id: int, destination: str | Path) -> Path:
-    """Write a version's stored file (.npz) back out, byte for byte (after checking its hash)."""
+def export(model_id: int, destination: str | Path, limits: ImportLimits | None = None) -> Path:
+    """Write a version out: a standard Keras file when `destination` ends in .keras or .h5
+    (written and checked in the sandbox under `limits`), else the stored file byte for byte.
+    The BLOB's hash is checked first either way."""
     row = get_model(model_id)
     verify(row)
     destination = Path(destination)
     if destination.is_dir():
         destination = destination / row.filename
-    atomic_write(destination, row.blob)
+    if destination.suffix not in EXPORT_SUFFIXES:
+        atomic_write(destination, row.blob)
+        return destination
+    if row.format != STORED_FORMAT:
+        raise ModelStoreError(_upgrade_needed(row))
+    limits = limits or ImportLimits(isolated=False)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".tmp-") as scratch:
+        source, written = Path(scratch) / f"model.{STORED_FORMAT}", Path(scratch) / f"export{destination.suffix}"
+        source.write_bytes(row.blob)
+        try:
+            if limits.isolated:
+                export_in_child(source, written, limits)
+            else:
+                export_model_file(source, written)
+        except SandboxError as exc:
+            raise ModelStoreError(str(exc)) from exc
+        os.replace(written, destination)
     return destination
 
 
@@ -415,35 +448,37 @@ def atomic_write(destination: Path, data: bytes) -> None:
         raise
 
 
-def served_file(row: ModelVersion, directory: str | Path, limits: ImportLimits | None = None) -> Path:
-    """The file a worker loads: the rehydrated BLOB, or for a version stored as imported (.h5 or
-    .keras, before imports were re-saved) a copy converted once in the sandbox, kept beside it.
-    `limits` bound that sandbox (the defaults when None)."""
-    path = rehydrate(row, directory)
-    if row.format == STORED_FORMAT:
-        return path
-    converted = path.with_name(f"{row.sha256}.served.{STORED_FORMAT}")
-    try:
-        # One process converts; the others wait for its file instead of converting too.
-        with path.with_name(f"{row.sha256}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not is_model_file(converted):
-                _convert(path, row.filename, limits or ImportLimits(), converted)
-    except OSError as exc:
-        raise ModelStoreError(f"cannot write the converted model file: {exc.strerror}") from exc
+def served_file(row: ModelVersion, directory: str | Path) -> Path:
+    """The file a worker loads: the rehydrated BLOB, refused for a version still stored in an
+    older format (`flask models upgrade-files` converts those once, in the sandbox)."""
+    if row.format != STORED_FORMAT:
+        raise ModelStoreError(_upgrade_needed(row))
+    return rehydrate(row, directory)
+
+
+def _upgrade_needed(row: ModelVersion) -> str:
+    return (
+        f"model {row.id} is stored as {row.format}, not as a registry .{STORED_FORMAT} file: "
+        "run `flask models upgrade-files` once to convert it"
+    )
+
+
+def upgrade_files(limits: ImportLimits | None = None) -> list[tuple[ModelVersion, str]]:
+    """Re-save every version stored in an older format (.h5, .keras or the first .npz file) as a
+    registry file, through the import sandbox under `limits`, one transaction per version; the
+    versions converted, each with its old format. A version that fails stops the run, unchanged."""
+    converted = []
+    for row in db.session.scalars(select(ModelVersion).where(ModelVersion.format != STORED_FORMAT)):
+        verify(row)
+        old_format = row.format
+        described, served = inspect_model_bytes(row.blob, row.filename, limits)
+        if described["output_width"] != len(row.class_names) or described["input_shape"] != list(row.input_shape):
+            raise ModelStoreError(f"model {row.id}: the converted file no longer matches its registry row")
+        with _transaction():
+            row.blob, row.size, row.sha256, row.format = served, len(served), sha256_of(served), STORED_FORMAT
+            row.filename = f"{Path(row.filename).stem[:240]}.{STORED_FORMAT}"
+        converted.append((row, old_format))
     return converted
-
-
-def _convert(path: Path, filename: str, limits: ImportLimits, converted: Path) -> None:
-    handle, scratch = tempfile.mkstemp(dir=converted.parent, prefix=".tmp-", suffix=f".{STORED_FORMAT}")
-    os.close(handle)
-    try:
-        describe_in_child(path, filename, limits, Path(scratch))
-        os.replace(scratch, converted)
-    except SandboxError as exc:
-        raise ModelStoreError(str(exc)) from exc
-    finally:
-        Path(scratch).unlink(missing_ok=True)
 
 
 def rehydrate(row: ModelVersion, directory: str | Path) -> Path:

@@ -8,6 +8,10 @@ Each part is standardised with its mean and spread on held-out images, and the t
 the held-out images' 95th percentile. The statistics live in the registry beside the model, not
 in the file (the saved model stays standard and loads in safe mode); serving builds a model with
 the extra outputs at load time (`with_pooled_features`), so the score costs no second pass.
+
+Stored, the record is split (`split_arrays`): the class means and precision matrices (megabytes)
+go to a safetensors BLOB keyed `<layer>/means` and `<layer>/precisions`, the rest (layers,
+standardisation, threshold) stays in the small JSON that the model card reads.
 """
 
 from __future__ import annotations
@@ -156,6 +160,39 @@ def fit_ood(
     centre, spread = parts.mean(axis=0), parts.std(axis=0)
     threshold = float(np.quantile(standardised_sum(parts, centre, spread), HELDOUT_PASS_RATE))
     return OodStats(draft.layers, draft.means, draft.precisions, centre, spread, threshold)
+
+
+ARRAY_KEYS = ("means", "precisions")
+
+
+def split_arrays(record: dict) -> tuple[dict, bytes]:
+    """A whole OOD record as its small JSON part and a safetensors BLOB of the per-layer arrays."""
+    from safetensors.numpy import save as save_tensors  # here: the import sandbox never needs it
+
+    small = {key: value for key, value in record.items() if key not in ARRAY_KEYS}
+    tensors = {
+        f"{layer}/{key}": np.ascontiguousarray(np.asarray(record[key][index], np.float32))
+        for key in ARRAY_KEYS
+        for index, layer in enumerate(record["layers"])
+    }
+    return small, save_tensors(tensors, metadata={"layers": ",".join(record["layers"])})
+
+
+def join_arrays(small: dict, blob: bytes) -> dict:
+    """The whole OOD record again, from `split_arrays`' two parts."""
+    from safetensors.numpy import load as load_tensors
+
+    tensors = load_tensors(blob)
+    try:
+        arrays = {key: [tensors[f"{layer}/{key}"] for layer in small["layers"]] for key in ARRAY_KEYS}
+    except KeyError as exc:
+        raise ValueError(f"the OOD statistics have no {exc.args[0]!r} array") from exc
+    return {**small, **arrays}
+
+
+def has_arrays(record: dict) -> bool:
+    """Whether an OOD record still carries its arrays inline (a whole record, or an old JSON one)."""
+    return all(key in record for key in ARRAY_KEYS)
 
 
 def _rounded(values: np.ndarray) -> list:

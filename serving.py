@@ -30,7 +30,6 @@ from calibration import Calibration
 from database import db
 from explain import Explainer, NoExplanation, Unexplainable, explainer_for
 from image_statistics import ImageStatistics, image_statistics
-from model_sandbox import ImportLimits
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -137,13 +136,11 @@ def load_version(
     directory: Path,
     batching: BatchingConfig = BatchingConfig(),
     calibrated_at=None,
-    limits: ImportLimits | None = None,
 ) -> LoadedModel:
-    """Rehydrate a registry row to a file, load it in safe mode, warm it up. `limits` bound the
-    sandbox that converts a version stored before imports were re-saved."""
-    model = model_store.load_keras_model(model_store.served_file(row, directory, limits))
+    """Rehydrate a registry row to a file, load it in safe mode (its probe outputs checked), warm it up."""
+    model = model_store.load_keras_model(model_store.served_file(row, directory))
     spec = spec_of(row)
-    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_calibration(row.id)))
+    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_full_calibration(row.id)))
     predictor.warm_up()
     explainer = explainer_for(model, spec, (row.metrics or {}).get("explain_layer"))
     batcher = None
@@ -179,12 +176,10 @@ class ModelSlots:
         self,
         directory: Path,
         batching: BatchingConfig = BatchingConfig(),
-        limits: ImportLimits | None = None,
         assignments: Callable[[], Mapping[str, SlotKey]] = registry_assignments,
     ):
         self.directory = directory
         self.batching = batching
-        self.limits = limits
         self._assignments = assignments
         # Replaced whole, never changed in place: a reader sees the old mapping or the new one.
         self._models: Mapping[str, LoadedModel] = {}
@@ -257,7 +252,7 @@ class ModelSlots:
             row = db.session.get(ModelVersion, model_id)
             if row is None:
                 raise ModelStoreError(f"model {model_id} was deleted while being loaded")
-            loaded = load_version(row, self.directory, self.batching, key[2], self.limits)
+            loaded = load_version(row, self.directory, self.batching, key[2])
         except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
             self._failed[name] = key
             self._errors[name] = f"the {name} model (id {model_id}) cannot be served: {exc}"

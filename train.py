@@ -7,7 +7,8 @@ The work is in the `training` package (data, architectures and recipes, optimise
 loop, evaluation); this file parses the command line and runs it. A stratified part of the
 training images (4 %) is held out: it gives the validation curve here and is kept for calibrating
 the model later; the test split is used once, for the reported figure. Writes the model (.h5,
-float32, no optimiser state), a metrics JSON and a report (JSON, curves and confusion matrix PNG).
+float32, no optimiser state), a metrics JSON (metrics_schema.py: its keys, and the calibration's
+OOD arrays beside it in calibration.safetensors) and a report (JSON, curves and confusion matrix PNG).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import keras
 
 import calibrate
+import metrics_schema
 from model_spec import ModelSpec
 from predictor import TTA_MODES, Predictor
 from training.architectures import ARCHITECTURES, build_model, parse_widths
@@ -121,7 +123,7 @@ def _train(args) -> dict:
         )
     metrics["wall_time_s"] = round(time.monotonic() - started, 1)
     metrics["report_files"] = write_report(out_dir / "report", metrics.pop("evaluation"), splits.class_names, history)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics_schema.write_metrics(out_dir / "metrics.json", metrics)
     _print_summary(metrics)
     print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.1f} MB), {out_dir / 'metrics.json'}")
     if args.import_model:

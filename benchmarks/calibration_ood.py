@@ -222,13 +222,14 @@ def main() -> int:
     args = parser.parse_args()
 
     import calibration as cal
+    import metrics_schema
     import model_store
     from app import create_app
     from calibrate import calibrate_folder
     from serving import spec_of
 
     metrics_path = args.metrics or args.model.with_name("metrics.json")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = metrics_schema.read_metrics(metrics_path) if metrics_path.is_file() else {}
     if args.recalibrate:
         metrics.pop("calibration", None)
     started = time.perf_counter()
@@ -244,7 +245,7 @@ def main() -> int:
         with app.app_context():
             model_store.init_db()
             row = model_store.import_model(args.model, metrics=metrics, activate=True)
-            record = model_store.get_calibration(row.id)
+            record = model_store.get_full_calibration(row.id)
             if record is None:
                 model = model_store.load_keras_model(model_store.served_file(row, scratch))
                 record = calibrate_folder(model, spec_of(row), args.data, args.val_fraction, args.seed)
@@ -293,7 +294,7 @@ def main() -> int:
         command = "python benchmarks/calibration_ood.py " + " ".join(sys.argv[1:])
         evaluation = {"command": command, "test_images": len(test), "groups": rows}
         metrics.update(calibration=record, ood_evaluation=evaluation)
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics_schema.write_metrics(metrics_path, metrics)
     return 0
 
 

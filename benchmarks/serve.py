@@ -172,7 +172,7 @@ def calibration_cost(model_path: Path, instance: Path, record_path: Path | None,
     from app import create_app
 
     with create_app().app_context():
-        record = model_store.get_calibration(model_store.get_active().id)
+        record = model_store.get_full_calibration(model_store.get_active().id)
         if record_path:
             record = json.loads(record_path.read_text())
         if record is None:

@@ -187,7 +187,7 @@ def test_rehydrated_file_lands_in_the_instance_folder(app, client):
     client.get("/healthz")
     with app.app_context():
         row = model_store.get_active()
-        expected = [f"{row.sha256}.npz"]
+        expected = [f"{row.sha256}.safetensors"]
     cache = Path(app.config["MODEL_CACHE_DIR"])
     assert cache.is_relative_to(app.instance_path)
     assert [p.name for p in cache.iterdir()] == expected

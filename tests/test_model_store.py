@@ -2,13 +2,14 @@
 
 import hashlib
 import io
-import zipfile
+import json
 
 import numpy as np
 import pytest
 from helpers import CIFAR10, build_seed_like_model
 from sqlalchemy.exc import IntegrityError
 
+import model_files
 import model_store
 from model_store import ModelStoreError, ModelVersion, db
 from predictor import softmax
@@ -25,7 +26,8 @@ def test_seed_file_imports_with_defaults_and_predicts_correctly(app, seed_model_
 
     with app.app_context():
         row = model_store.get_active()
-        assert row.name == "seed" and row.version == 1 and row.format == "npz" and row.filename == "modelo.npz"
+        assert (row.name, row.version, row.format) == ("seed", 1, "safetensors")
+        assert row.filename == "modelo.safetensors"
         assert row.class_names == CIFAR10
         assert (row.input_shape, row.input_scale, row.output_kind, row.tta) == ([32, 32, 3], "unit", "logits", "none")
         assert row.size == len(row.blob) and row.sha256 == hashlib.sha256(row.blob).hexdigest()
@@ -121,7 +123,7 @@ def test_output_width_must_match_class_names(app, seed_model_file, three_class_m
             model_store.import_model(three_class_model_file, class_names=["a", "a", "b"])
         assert snapshot() == before
         row = model_store.import_model(three_class_model_file, class_names=["cat", "dog", "cow"])
-        assert row.format == "npz" and row.class_names == ["cat", "dog", "cow"]
+        assert row.format == "safetensors" and row.class_names == ["cat", "dog", "cow"]
         assert row.metrics["imported_from"]["format"] == "keras"
 
 
@@ -129,23 +131,26 @@ def test_export_is_byte_for_byte(app, tmp_path):
     with app.app_context():
         row = model_store.get_active()
         written = model_store.export(row.id, tmp_path)
-        assert written.name == "modelo.npz" and written.read_bytes() == row.blob
+        assert written.name == "modelo.safetensors" and written.read_bytes() == row.blob
         again = model_store.import_model(written)  # an exported file imports as it is
-        assert again.sha256 == row.sha256 and again.metrics["imported_from"]["format"] == "npz"
+        assert again.sha256 == row.sha256 and again.metrics["imported_from"]["format"] == "safetensors"
 
 
 def test_the_registry_stores_the_model_without_hdf5(app, seed_model_file, tmp_path):
     """h5py's bundled HDF5 has heap overflows on crafted files: only the sandbox may parse HDF5."""
     import keras
+    from safetensors import safe_open
 
     with app.app_context():
         row = model_store.get_active()
         stored = model_store.rehydrate(row, tmp_path)
-    with zipfile.ZipFile(stored) as archive:
-        names = archive.namelist()
-    assert "config.npy" in names and len(names) == 1 + len(keras.saving.load_model(seed_model_file).get_weights())
-    assert not [name for name in names if not name.endswith(".npy")]
     original = keras.saving.load_model(seed_model_file, compile=False)
+    with safe_open(str(stored), framework="np") as handle:
+        names, metadata = set(handle.keys()), handle.metadata()
+    assert metadata["format"] == "imgcls-model" and json.loads(metadata["keras_config"])["class_name"] == "Sequential"
+    assert names == {f"weights/{layer.name}/{v.name}" for layer in original.layers for v in layer.weights} | {
+        "probe/logits"
+    }
     resaved = model_store.load_keras_model(stored)
     for before, after in zip(original.get_weights(), resaved.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
@@ -154,32 +159,37 @@ def test_the_registry_stores_the_model_without_hdf5(app, seed_model_file, tmp_pa
 
 
 def test_only_a_well_formed_registry_file_is_recognised(app, seed_model_file, tmp_path):
+    from safetensors.numpy import save
+
     with app.app_context():
         good = model_store.rehydrate(model_store.get_active(), tmp_path).read_bytes()
-    hdf5_then_zip = tmp_path / "polyglot"
-    hdf5_then_zip.write_bytes(seed_model_file.read_bytes() + good)  # zipfile reads from the end
-    extra = tmp_path / "extra.npz"
-    extra.write_bytes(good)
-    with zipfile.ZipFile(extra, "a") as archive:
-        archive.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
-    assert model_store.is_model_file(io.BytesIO(good))
-    assert not model_store.is_model_file(hdf5_then_zip) and not model_store.is_model_file(extra)
-    assert not model_store.is_model_file(io.BytesIO(b"PK\x03\x04 not a zip"))
+    hdf5_then_ours = tmp_path / "polyglot"
+    hdf5_then_ours.write_bytes(seed_model_file.read_bytes() + good)
+    foreign = save({"x": np.zeros(2, np.float32)}, metadata={"format": "pt"})  # a safetensors file, not ours
+    assert model_files.is_model_file(io.BytesIO(good))
+    assert not model_files.is_model_file(hdf5_then_ours) and not model_files.is_model_file(io.BytesIO(foreign))
+    assert not model_files.is_model_file(io.BytesIO(b"\xff" * 8 + b"{}"))
     with pytest.raises(ModelStoreError, match="not a registry model file"):
-        model_store.load_keras_model(hdf5_then_zip)
+        model_store.load_keras_model(hdf5_then_ours)
 
 
-def test_a_version_stored_with_hdf5_is_converted_in_the_sandbox_before_serving(app, seed_model_file, tmp_path):
-    """Versions imported before the re-save keep their .h5 BLOB; workers load a converted copy."""
+def test_a_version_stored_with_hdf5_is_not_served_until_upgraded(app, runner, seed_model_file, tmp_path):
+    """Versions imported before the re-save keep their .h5 BLOB: `flask models upgrade-files`
+    converts them once, in the sandbox; serving never converts."""
     data = seed_model_file.read_bytes()
     with app.app_context():
         row = model_store.get_active()
         row.blob, row.format, row.size, row.sha256 = data, "h5", len(data), hashlib.sha256(data).hexdigest()
         db.session.commit()
-        served = model_store.served_file(row, tmp_path)
-        assert served.name == f"{row.sha256}.served.npz" and model_store.is_model_file(served)
+        with pytest.raises(ModelStoreError, match="upgrade-files"):
+            load_version(row, tmp_path)
+    result = runner.invoke(args=["models", "upgrade-files"])
+    assert result.exit_code == 0, result.output
+    assert "h5 -> safetensors" in result.output
+    with app.app_context():
+        row = model_store.get_active()
+        assert row.format == "safetensors" and model_files.is_model_file(io.BytesIO(row.blob))
         loaded = load_version(row, tmp_path)
-        assert model_store.served_file(row, tmp_path).stat().st_mtime_ns == served.stat().st_mtime_ns  # converted once
     images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert loaded.predictor.predict_arrays(images).shape == (2, 10)
 
@@ -198,7 +208,7 @@ def test_rehydrate_writes_under_sha_and_reuses_a_good_file(app, tmp_path):
     with app.app_context():
         row = model_store.get_active()
         path = model_store.rehydrate(row, tmp_path)
-        assert path.name == f"{row.sha256}.npz" and path.read_bytes() == row.blob
+        assert path.name == f"{row.sha256}.safetensors" and path.read_bytes() == row.blob
         stamp = path.stat().st_mtime_ns
         assert model_store.rehydrate(row, tmp_path).stat().st_mtime_ns == stamp  # reused, not rewritten
         path.write_bytes(b"damaged")

@@ -200,3 +200,15 @@ def test_an_import_is_refused_when_the_sandbox_cannot_start(app, monkeypatch):
     monkeypatch.setattr(model_sandbox, "BWRAP", "/nonexistent/bwrap")
     message = refused(app, Path(model_sandbox.__file__), ISOLATED)
     assert "the import sandbox could not start" in message and "MODEL_IMPORT_CONFINE=false" in message
+
+
+def test_export_to_h5_is_written_in_the_child_and_loads_in_plain_keras(app, seed_model_file, tmp_path):
+    import keras
+    import numpy as np
+
+    with app.app_context():
+        written = model_store.export(1, tmp_path / "back.h5", ISOLATED)
+    images = np.random.default_rng(6).random((2, 32, 32, 3), dtype=np.float32)
+    expected = keras.models.load_model(seed_model_file, compile=False)(images)
+    got = keras.models.load_model(written, compile=False)(images)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)

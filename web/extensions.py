@@ -28,7 +28,6 @@ from flask_wtf.csrf import CSRFProtect
 
 import database
 import serving
-from model_sandbox import ImportLimits
 from serving import CHAMPION, BatchingConfig, DecodeBudget, DecodedUpload, LoadedModel, ModelSlots, RegistryPoller
 from web.errors import WebError
 
@@ -59,7 +58,7 @@ class ModelServing:
         batching = BatchingConfig(
             bool(config["BATCHING_ENABLED"]), int(config["BATCH_MAX_SIZE"]), float(config["BATCH_MAX_WAIT_MS"])
         )
-        slots = ModelSlots(Path(config["MODEL_CACHE_DIR"]), batching, ImportLimits.from_config(config))
+        slots = ModelSlots(Path(config["MODEL_CACHE_DIR"]), batching)
         poll_seconds = float(config["MODEL_POLL_SECONDS"])
         poller = RegistryPoller(lambda: self.refresh(app), poll_seconds) if poll_seconds > 0 else None
         app.extensions["model_serving"] = AppServing(

@@ -1,6 +1,6 @@
 """session tokens, disabled accounts, log-in lockout; account ids never reused on SQLite
 
-Revision ID: 0006_session_tokens
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02 16:20:00
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision = "0006_session_tokens"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
