@@ -236,6 +236,7 @@ class LiteEngine:
             raise ValueError(f"not a {ENGINE_FORMAT} model: {metadata.get('format')!r}")
         self.metadata = metadata
         self.input_shape = tuple(metadata["input_shape"])
+        self.feature_layers = tuple(metadata["feature_layers"])  # the OOD layers whose features it answers
         self.head = metadata["explain"].get("head")
         self._lock = threading.Lock()
         self._interpreter = Interpreter(model_content=tflite, num_threads=num_threads)
@@ -243,7 +244,7 @@ class LiteEngine:
         (self._input_name,) = self._runner.get_input_details()
         # The converter names the signature's outputs output_0, output_1... in Keras' order.
         self._output_names = sorted(self._runner.get_output_details(), key=lambda name: int(name.rsplit("_", 1)[1]))
-        wanted = 1 + len(metadata["feature_layers"]) + (self.head is not None)
+        wanted = 1 + len(self.feature_layers) + (self.head is not None)
         if len(self._output_names) != wanted:
             raise ValueError(f"the model file has {len(self._output_names)} outputs, its metadata says {wanted}")
 

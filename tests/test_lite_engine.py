@@ -63,6 +63,7 @@ def strong():
 
 def assert_matches_keras(model, layers, converted, batch_sizes=(5, 1, 3)):
     engine = lite_engine.LiteEngine(converted.tflite, converted.metadata, num_threads=2)
+    assert engine.feature_layers == tuple(layers)
     for size in batch_sizes:  # a new batch size resizes the interpreter each time
         batch = scale_pixels(images(size, seed=size), "unit")
         got = engine.run(batch)
