@@ -28,7 +28,10 @@ import numpy as np
 
 from explain import WEIGHTINGS, NoExplanation
 
-ENGINE_FORMAT = "litert-fp32"
+# fp32 reproduces Keras to float rounding; dynamic-range int8 (weights stored as int8, activations
+# quantised on the fly) is smaller and faster but changes outputs: a caller choosing it states the
+# tolerance it accepts, and must refit calibration and OOD statistics on its outputs (issue 21).
+ENGINE_FORMATS = {False: "litert-fp32", True: "litert-int8-dynamic"}
 PROBE_TOLERANCE = 1e-4  # the largest difference from Keras a conversion may show on the probe batch
 PROBE_SIZE = 8
 POOLINGS = ("max", "average")
@@ -123,11 +126,14 @@ def _served_model(model, feature_layers: Sequence[str], explain_layer: str | Non
     return keras.Model(served.inputs, [*served.outputs, model.get_layer(explain_layer).output])
 
 
-def _tflite_bytes(served) -> bytes:
-    """The LiteRT flatbuffer of a Keras model, fp32, batch dimension left dynamic."""
+def _tflite_bytes(served, quantize: bool = False) -> bytes:
+    """The LiteRT flatbuffer of a Keras model, fp32 (or dynamic-range int8 weights with
+    `quantize`), batch dimension left dynamic."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(served)
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
     return converter.convert()
 
 
@@ -153,13 +159,18 @@ def convert(
     feature_layers: Sequence[str],
     explain_layer: str | None = None,
     probe: np.ndarray | None = None,
-    tolerance: float = PROBE_TOLERANCE,
+    tolerance: float | None = None,
+    quantize: bool = False,
 ) -> Converted:
     """Convert a Keras model for `LiteEngine`: outputs its output, the channel means of each of
     `feature_layers` and, when Grad-CAM can be computed from the head, the explained feature map
     (`explain_layer`: the model's metadata's explain_layer, else the last feature map). The
     conversion is checked on `probe` (float32 model input; `default_probe` when None): every output
-    within `tolerance` of Keras, else ConversionError."""
+    within `tolerance` of Keras (PROBE_TOLERANCE for fp32), else ConversionError. `quantize`:
+    dynamic-range int8, which needs the `tolerance` it is allowed stated."""
+    if tolerance is None and quantize:
+        raise ValueError("a quantised conversion needs the tolerance it is checked against")
+    tolerance = PROBE_TOLERANCE if tolerance is None else tolerance
     try:
         head = head_of(model, explain_layer)
         explain = {"head": head}
@@ -170,14 +181,14 @@ def convert(
     expected = [np.asarray(output, np.float32) for output in served([probe], training=False)]
     if head is not None:
         try:
-            _check_head(head, expected[0], expected[-1], tolerance)
+            _check_head(head, expected[0], expected[-1], PROBE_TOLERANCE)  # Keras against the closed form
         except NoExplanation as exc:  # served without the map, and without explanations
             head, explain = None, {"unavailable": exc.message}
             served = _served_model(model, feature_layers, None)
             expected = expected[:-1]
-    tflite = _tflite_bytes(served)
+    tflite = _tflite_bytes(served, quantize)
     metadata = {
-        "format": ENGINE_FORMAT,
+        "format": ENGINE_FORMATS[quantize],
         "input_shape": list(model.input_shape[1:]),
         "feature_layers": list(feature_layers),
         "explain": explain,
@@ -232,8 +243,8 @@ class LiteEngine:
     def __init__(self, tflite: bytes, metadata: dict, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        if metadata.get("format") != ENGINE_FORMAT:
-            raise ValueError(f"not a {ENGINE_FORMAT} model: {metadata.get('format')!r}")
+        if metadata.get("format") not in ENGINE_FORMATS.values():
+            raise ValueError(f"not a LiteRT model of this engine: format {metadata.get('format')!r}")
         self.metadata = metadata
         self.input_shape = tuple(metadata["input_shape"])
         self.feature_layers = tuple(metadata["feature_layers"])  # the OOD layers whose features it answers

@@ -145,7 +145,7 @@ def test_a_conversion_that_differs_from_keras_is_refused(strong, monkeypatch):
     monkeypatch.setattr(
         lite_engine,
         "_tflite_bytes",
-        lambda served: convert_for_real(lite_engine._served_model(tampered, layers, head_layer)),
+        lambda served, quantize: convert_for_real(lite_engine._served_model(tampered, layers, head_layer), quantize),
     )
     with pytest.raises(lite_engine.ConversionError, match="differs from Keras on the probe batch"):
         lite_engine.convert(model, layers)
@@ -190,3 +190,17 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in ("tensorflow"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_dynamic_range_int8_is_checked_against_the_tolerance_stated(strong):
+    model, layers, fp32 = strong
+    with pytest.raises(ValueError, match="needs the tolerance"):
+        lite_engine.convert(model, layers, quantize=True)
+    with pytest.raises(lite_engine.ConversionError, match=r"tolerance 0\.0001"):
+        lite_engine.convert(model, layers, tolerance=1e-4, quantize=True)
+    int8 = lite_engine.convert(model, layers, tolerance=1.0, quantize=True)
+    assert int8.metadata["format"] == "litert-int8-dynamic"
+    assert len(int8.tflite) < len(fp32.tflite)  # the larger kernels stored as int8
+    assert 1e-4 < max(int8.metadata["probe_max_abs_diff"]) <= 1.0
+    engine = lite_engine.LiteEngine(int8.tflite, int8.metadata)
+    assert engine.explain(scale_pixels(images(2), "unit"), [0, 1]).shape == (2, 3, 3)
