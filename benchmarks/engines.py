@@ -10,7 +10,8 @@ Measures:
   4. process PSS, RSS and USS (/proc/self/smaps_rollup) and start to first answer of a fresh
      process that loads only what serving needs: the engine and the converted file, or
      TensorFlow, Keras and the model file (each in its own subprocess, timed from its start);
-  5. LiteRT's batch handling: batches of 2 and 3 with the interpreter resized before each call
+  5. dynamic-range int8 LiteRT beside them (timings, file size, differences), for comparison;
+  6. LiteRT's batch handling: batches of 2 and 3 with the interpreter resized before each call
      (a dynamic batch dimension) against each size run steadily, and a batch of 2 padded to 8
      (fixed buckets); one interpreter behind a lock against one per thread, 4 threads calling.
 
@@ -118,6 +119,11 @@ def calls_per_s(calls, per_thread: int) -> float:
     return len(calls) * per_thread / (time.perf_counter() - started)
 
 
+def ratio(figures: dict, engine: str = "litert") -> float:
+    """An engine's figure over TensorFlow's, medians of the alternated rounds."""
+    return statistics.median(figures[engine]) / statistics.median(figures["tensorflow"])
+
+
 def grad_cam_difference(model, spec: ModelSpec, explain_layer: str | None, engine) -> float | None:
     """The largest difference between explain.py's TensorFlow maps and the engine's (None when
     the engine has no explanation for this model)."""
@@ -200,19 +206,34 @@ def measure(args) -> dict:
     def tf_call(batch):
         return [np.asarray(o) for o in tf_infer(batch)]
 
+    # Dynamic-range int8, for comparison only: its probe check is loosened to what it is (a unit
+    # of logit), and serving it would need calibration and OOD statistics refitted on it.
+    int8 = lite_engine.convert(model, layers, explain_layer, tolerance=1.0, quantize=True)
+    engines = {
+        "tensorflow": tf_call,
+        "litert": engine.outputs,
+        "litert_int8": lite_engine.LiteEngine(int8.tflite, int8.metadata, args.threads).outputs,
+    }
     one, big = views_of(spec, 1, seed=1), views_of(spec, 64, seed=2)
-    single, throughput = {"tensorflow": [], "litert": []}, {"tensorflow": [], "litert": []}
-    for _ in range(2):  # alternated, so a change in the machine's load hits both
-        single["tensorflow"].append(p50_ms(lambda: tf_call(one), args.repeats))
-        single["litert"].append(p50_ms(lambda: engine.outputs(one), args.repeats))
-        throughput["tensorflow"].append(64 / (p50_ms(lambda: tf_call(big), 3) / 1000))
-        throughput["litert"].append(64 / (p50_ms(lambda: engine.outputs(big), 3) / 1000))
+    single, throughput = {name: [] for name in engines}, {name: [] for name in engines}
+    for _ in range(2):  # alternated, so a change in the machine's load hits all
+        for name, call in engines.items():
+            single[name].append(p50_ms(lambda call=call: call(one), args.repeats))
+            throughput[name].append(64 / (p50_ms(lambda call=call: call(big), 3) / 1000))
 
     check = views_of(spec, 256, seed=3)
     lite_answers, tf_answers = engine.run(check), tf_call(check)
     lite_outputs = [lite_answers.logits, *lite_answers.features]
     differences = [float(np.abs(a - b).max()) for a, b in zip(lite_outputs, tf_answers, strict=True)]
     same_class = float((lite_answers.logits.argmax(1) == tf_answers[0].argmax(1)).mean())
+    int8_logits = engines["litert_int8"](check)[0]
+    int8_figures = {
+        "tflite_bytes": len(int8.tflite),
+        "max_abs_logit_diff_256_random_images": float(np.abs(int8_logits - tf_answers[0]).max()),
+        "same_top_class_256_random_images": float((int8_logits.argmax(1) == tf_answers[0].argmax(1)).mean()),
+        "one_image_ratio_to_tensorflow": ratio(single, "litert_int8"),
+        "batch64_ratio_to_tensorflow": ratio(throughput, "litert_int8"),
+    }
     maps_difference = grad_cam_difference(model, spec, explain_layer, engine)
 
     two, three, eight = scaled(spec, 2), scaled(spec, 3), scaled(spec, 8)
@@ -240,9 +261,6 @@ def measure(args) -> dict:
         (folder / "config.json").write_text(json.dumps(config))
         processes = {"tensorflow": fresh_process("tf", folder), "litert": fresh_process("lite", folder)}
 
-    def ratio(key: dict) -> float:
-        return statistics.median(key["litert"]) / statistics.median(key["tensorflow"])
-
     return {
         "command": "python benchmarks/engines.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -265,6 +283,7 @@ def measure(args) -> dict:
         "max_abs_diff_per_output_256_random_images": differences,
         "same_top_class_256_random_images": same_class,
         "grad_cam_max_abs_diff_16_random_images": maps_difference,
+        "litert_int8": int8_figures,
         "litert_batches": batches,
         "litert_threads": threading_figures,
         "fresh_process": processes,
