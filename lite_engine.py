@@ -15,6 +15,10 @@ class's dense weights, at each channel's argmax cell for a max pool (split betwe
 TensorFlow's gradient of a max is), or spread evenly over the cells for an average pool. The
 head's weights travel in the metadata; any other head has no explanation here (`NoExplanation`).
 
+`convert(..., quantize=True)` writes dynamic-range int8 instead of fp32, for comparison: it is
+checked against a tolerance the caller states, and is not to be served before the calibration and
+OOD statistics are refitted on its outputs.
+
 Flask-free; TensorFlow and Keras are imported only inside the conversion functions.
 """
 
@@ -34,7 +38,6 @@ from explain import WEIGHTINGS, NoExplanation
 ENGINE_FORMATS = {False: "litert-fp32", True: "litert-int8-dynamic"}
 PROBE_TOLERANCE = 1e-4  # the largest difference from Keras a conversion may show on the probe batch
 PROBE_SIZE = 8
-POOLINGS = ("max", "average")
 
 
 class ConversionError(RuntimeError):
@@ -176,6 +179,8 @@ def convert(
         explain = {"head": head}
     except NoExplanation as exc:
         head, explain = None, {"unavailable": exc.message}
+    except Exception as exc:  # an unusual graph: served, only unexplained (as explain.explainer_for does)
+        head, explain = None, {"unavailable": f"No explanation for this model here: its head was not read ({exc})."}
     served = _served_model(model, feature_layers, head and head["layer"])
     probe = default_probe(model.input_shape[1:]) if probe is None else np.asarray(probe, np.float32)
     expected = [np.asarray(output, np.float32) for output in served([probe], training=False)]
