@@ -126,7 +126,8 @@ class SeededTemplate:
         (bare_app, a test of the migrations) has the schema made again first."""
         with engine.begin() as connection:
             names = set(inspect(connection).get_table_names())
-            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar() if names else None
+            revision = "SELECT version_num FROM alembic_version"
+            current = connection.execute(text(revision)).scalar() if "alembic_version" in names else None
         if names != {table.name for table in self.tables} | {"alembic_version"} or current != self.revision:
             _drop_everything(engine)
             model_store.init_db()
