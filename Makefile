@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 5000
 DEFAULT_MODEL := models/default/model.h5
 
-.PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench soak frontdoor-bench clean
+.PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench bench-suite soak frontdoor-bench clean
 
 # The project itself goes in editable (pyproject.toml): scripts import its modules from anywhere.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -41,6 +41,10 @@ serve-proxy: db
 bench: install
 	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL) $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
+## bench-suite: time `make test-fast` and `make test` (wall and CPU seconds, with the CPU model and load); BASELINE=REV times that commit too, back to back; writes benchmarks/results/suite_time.json
+bench-suite: install
+	$(PY) benchmarks/suite_time.py $(if $(BASELINE),--baseline $(BASELINE)) $(if $(TARGETS),--targets $(TARGETS))
+
 ## soak: 2,000 mixed requests with an activation and a killed worker; writes benchmarks/results/soak.json
 soak: install
 	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --kill-worker
@@ -50,12 +54,12 @@ frontdoor-bench: install
 	$(PY) benchmarks/frontdoor.py --model $(DEFAULT_MODEL)
 	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --front-door
 
-## test: lint, then the test suite on SQLite, then again on PostgreSQL when TEST_DATABASE_URL is set
+## test: lint, then the test suite on SQLite, then the tests that use the database (marked db) again on PostgreSQL when TEST_DATABASE_URL is set
 test: lint
 	env -u TEST_DATABASE_URL $(PY) -m pytest -q
 	@if [ -n "$$TEST_DATABASE_URL" ]; then \
-		echo "== the suite again on PostgreSQL ($$TEST_DATABASE_URL)"; \
-		$(PY) -m pytest -q; \
+		echo "== the tests that use the database again on PostgreSQL ($$TEST_DATABASE_URL)"; \
+		$(PY) -m pytest -q -m db; \
 	else \
 		echo "== PostgreSQL run skipped: TEST_DATABASE_URL is not set (.ci/run starts a server with .ci/start-postgres)"; \
 	fi

@@ -1,15 +1,23 @@
 """Fixtures: the real app on a temporary instance folder and database (SQLite, or PostgreSQL when
-TEST_DATABASE_URL is set), and tiny real Keras models saved as the seed saves its own."""
+TEST_DATABASE_URL is set), and tiny real Keras models saved as the seed saves its own.
+
+The migrations run and the seed-like model is imported once per test session, into a template;
+each test that asks for `app` starts from a copy of it (SQLite: the file copied; PostgreSQL: the
+tables emptied and the template's rows put back), the same state the migrations and the import
+would give, without paying for them in every test. Every test that builds the app is marked `db`:
+`make test` runs those, and only those, again on PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from flask import Flask
-from sqlalchemy import text
+from sqlalchemy import MetaData, inspect, text
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,6 +26,25 @@ from helpers import POSTGRES_URL, build_seed_like_model, serve_registry
 import model_store
 from app import create_app
 from database import db
+
+BASE_CONFIG = {
+    "TESTING": True,
+    "SECRET_KEY": "test",
+    "WTF_CSRF_ENABLED": False,
+    # Limits are off unless a test is about them: the suite sends hundreds of requests.
+    "RATELIMIT_ENABLED": False,
+    "MODEL_POLL_SECONDS": 0,
+    # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
+    # covers that path, the others validate in-process under the same caps.
+    "MODEL_IMPORT_SANDBOX": False,
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app)."""
+    for item in items:
+        if "make_app" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
 
 
 @pytest.fixture(scope="session")
@@ -48,63 +75,127 @@ def three_class_model_file(model_dir) -> Path:
     return path
 
 
-def _drop_everything(app: Flask) -> None:
-    """Empty a shared database (PostgreSQL) so each test starts from nothing."""
-    with app.app_context():
-        db.session.remove()
-        db.drop_all()
-        with db.engine.begin() as connection:
-            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+def _drop_everything(engine) -> None:
+    """Empty a shared database (PostgreSQL): every table, whichever migration made it."""
+    tables = MetaData()
+    tables.reflect(engine)
+    tables.drop_all(engine)
+
+
+class SeededTemplate:
+    """The database as `app` starts it: migrated to the head, the seed-like model imported as
+    "seed" and active. Made once per session; `copy_to` gives a test its own copy."""
+
+    def __init__(self, folder: Path, seed_model_file: Path):
+        uri = POSTGRES_URL or f"sqlite:///{folder / 'template.sqlite'}"
+        config = {"INSTANCE_PATH": str(folder / "instance"), "SQLALCHEMY_DATABASE_URI": uri}
+        self.app = create_app({**BASE_CONFIG, **config})
+        with self.app.app_context():
+            if POSTGRES_URL:
+                _drop_everything(db.engine)
+            model_store.init_db()
+            model_store.import_model(seed_model_file, name="seed")
+            db.session.remove()
+            with db.engine.begin() as connection:
+                if POSTGRES_URL:
+                    self._remember_rows(connection)
+                else:  # the whole database in the main file, none left in the WAL, so one copy holds it
+                    connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.engine.dispose()
+
+    def _remember_rows(self, connection) -> None:
+        tables = MetaData()
+        tables.reflect(connection)
+        self.revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        self.tables = [table for table in tables.sorted_tables if table.name != "alembic_version"]
+        self.rows = {table.name: connection.execute(table.select()).mappings().all() for table in self.tables}
+
+    def copy_to(self, uri: str) -> None:
+        """Make the database at `uri` (not yet opened by any app) a copy of the template."""
+        if POSTGRES_URL:
+            with self.app.app_context():
+                self._restore_rows(db.engine)
+                db.engine.dispose()  # no idle connection of the template's left in a test's way
+        else:
+            shutil.copy(
+                self.app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///"), uri.removeprefix("sqlite:///")
+            )
+
+    def _restore_rows(self, engine) -> None:
+        """Empty the tables and put the template's rows back. A test that left another schema
+        (bare_app, a test of the migrations) has the schema made again first."""
+        with engine.begin() as connection:
+            names = set(inspect(connection).get_table_names())
+            revision = "SELECT version_num FROM alembic_version"
+            current = connection.execute(text(revision)).scalar() if "alembic_version" in names else None
+        if names != {table.name for table in self.tables} | {"alembic_version"} or current != self.revision:
+            _drop_everything(engine)
+            model_store.init_db()
+            db.session.remove()
+        with engine.begin() as connection:
+            listed = ", ".join(connection.dialect.identifier_preparer.quote(table.name) for table in self.tables)
+            connection.execute(text(f"TRUNCATE {listed} RESTART IDENTITY CASCADE"))
+            for table in self.tables:
+                if self.rows[table.name]:
+                    connection.execute(table.insert(), [dict(row) for row in self.rows[table.name]])
+                    self._continue_ids_after_rows(connection, table)
+
+    @staticmethod
+    def _continue_ids_after_rows(connection, table) -> None:
+        """Rows put back with their ids leave the id sequence at 1: set it past them (a column
+        without a sequence has none to set: setval of NULL does nothing)."""
+        for column in table.primary_key.columns:
+            if column.type.python_type is int:
+                largest = f'SELECT max("{column.name}") FROM "{table.name}"'
+                connection.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence(:table, :column), ({largest}))"),
+                    {"table": f'"{table.name}"', "column": column.name},
+                )
+
+
+@pytest.fixture(scope="session")
+def seeded_template(tmp_path_factory, seed_model_file) -> SeededTemplate:
+    return SeededTemplate(tmp_path_factory.mktemp("template"), seed_model_file)
 
 
 @pytest.fixture
-def make_app(tmp_path) -> Callable[..., Flask]:
+def make_app(request, tmp_path) -> Callable[..., Flask]:
     """Build the real app on a temporary instance folder; keyword arguments override the test
     configuration. Every app of a test shares the test's database: a fresh SQLite file, or CI's
-    PostgreSQL, emptied before and after."""
+    PostgreSQL emptied; for a test that uses `app`, a copy of the seeded template instead."""
     database_uri = POSTGRES_URL or f"sqlite:///{tmp_path / 'test.sqlite'}"
+    # Prepared before the first app of the test opens the database, whichever fixture builds it.
+    if "app" in request.fixturenames:
+        request.getfixturevalue("seeded_template").copy_to(database_uri)
     built: list[Flask] = []
 
     def build(instance: str = "instance", **overrides) -> Flask:
-        config = {
-            "TESTING": True,
-            "INSTANCE_PATH": str(tmp_path / instance),
-            "SQLALCHEMY_DATABASE_URI": database_uri,
-            "SECRET_KEY": "test",
-            "WTF_CSRF_ENABLED": False,
-            # Limits are off unless a test is about them: the suite sends hundreds of requests.
-            "RATELIMIT_ENABLED": False,
-            "MODEL_POLL_SECONDS": 0,
-            # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
-            # covers that path, the others validate in-process under the same caps.
-            "MODEL_IMPORT_SANDBOX": False,
-        }
+        config = {**BASE_CONFIG, "INSTANCE_PATH": str(tmp_path / instance), "SQLALCHEMY_DATABASE_URI": database_uri}
         app = create_app({**config, **overrides})
-        if POSTGRES_URL and not built:
-            _drop_everything(app)
+        if POSTGRES_URL and not built and "app" not in request.fixturenames:
+            with app.app_context():
+                _drop_everything(db.engine)
         built.append(app)
         return app
 
     yield build
-    if POSTGRES_URL and built:
-        _drop_everything(built[0])
     for app in built:  # close each app's pooled connections now, not when the collector finds them
         with app.app_context():
+            db.session.remove()
             db.engine.dispose()
 
 
 @pytest.fixture
 def bare_app(make_app) -> Flask:
-    """The real app on an empty database."""
+    """The real app on an empty database (the seeded copy when the test also uses `app`)."""
     return make_app()
 
 
 @pytest.fixture
-def app(bare_app, seed_model_file) -> Flask:
-    """The app with its schema created by the migrations and the seed-like model active and served."""
-    with bare_app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
+def app(bare_app) -> Flask:
+    """The app with its schema created by the migrations and the seed-like model imported as
+    "seed" and active (make_app copied the session's template into the test's database), and
+    served."""
     serve_registry(bare_app)
     return bare_app
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -39,6 +41,19 @@ def image_bytes(fmt: str = "JPEG", size=(32, 32), color=(200, 30, 30), mode: str
     buffer = io.BytesIO()
     image.save(buffer, fmt, **save)
     return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC, for PNGs made by hand."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few KB that claims width x height pixels but holds two rows: it opens, and
+    decoding it fails (a decompression bomb, when large)."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    rows = zlib.compress(b"\x00" * (width * 3 + 1) * 2, 9)
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def classify(client, *contents, route="/api/v1/predict", **kwargs):

@@ -8,8 +8,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
-from helpers import image_bytes, serve_registry
+from helpers import image_bytes, png_claiming, serve_registry
 from PIL import Image
 
 import serving
@@ -98,6 +97,10 @@ def test_decodes_at_once_are_capped_per_process(make_app, app, monkeypatch):
     assert most == 2
 
 
-@pytest.mark.parametrize("setting", ["MAX_REQUEST_PIXELS", "MAX_CONCURRENT_DECODES"])
-def test_budget_settings_have_defaults(app, setting):
-    assert int(app.config[setting]) > 0
+def test_an_unconfigured_app_budgets_24_megapixels_a_request(client):
+    # Two images of 12 MP (as their headers say) are within the default budget and served; one row
+    # more each and the request is refused from the headers (413).
+    within = post(client, png_claiming(4000, 3000), png_claiming(4000, 3000))
+    assert within.status_code == 200, within.get_json()
+    over = post(client, png_claiming(4000, 3001), png_claiming(4000, 3001))
+    assert over.status_code == 413 and "the limit is 24,000,000 per request" in over.get_json()["error"]["message"]

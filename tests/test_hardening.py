@@ -9,18 +9,27 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import build_seed_like_model, image_bytes, login, make_user, random_image_bytes, serve_registry
+from helpers import (
+    build_seed_like_model,
+    classify,
+    image_bytes,
+    login,
+    make_user,
+    png_claiming,
+    random_image_bytes,
+    serve_registry,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 import model_store
 import predictions
 from database import db
-from hostile_files import huge_png, truncated
+from hostile_files import truncated
 from model_spec import CIFAR10_CLASSES
-from model_store import ModelStoreError, ModelVersion
+from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import softmax
 from web.extensions import model_serving
 
@@ -51,7 +60,7 @@ HOSTILE_FILES = {
     "svg": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', 415),
     "pdf": ("x.pdf", b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF", 415),
     "html": ("x.html", b"<!doctype html><script>alert(1)</script>", 415),
-    "png-50000x50000": ("bomb.png", huge_png(), 413),
+    "png-50000x50000": ("bomb.png", png_claiming(50_000, 50_000), 413),
 }
 
 
@@ -89,7 +98,7 @@ def reset_peak_rss() -> int:
 def test_bomb_is_refused_before_any_large_allocation(client):
     assert client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").status_code == 200
     baseline = reset_peak_rss()  # the model is loaded and warm: what follows is the bomb's alone
-    response = client.post("/api/v1/predict", data=huge_png(), content_type="image/png")
+    response = client.post("/api/v1/predict", data=png_claiming(50_000, 50_000), content_type="image/png")
     growth = peak_rss_kb() - baseline
     assert response.status_code == 413 and "too many pixels" in response.get_json()["error"]["message"]
     assert growth < 100_000, f"peak memory rose by {growth / 1024:.0f} MB"  # decoding it would take 7.5 GB
@@ -219,19 +228,38 @@ def test_secret_key_is_generated_in_the_instance_folder(make_app):
     assert make_app(instance="inst", SECRET_KEY=None).secret_key == first.secret_key
 
 
-def test_no_web_route_changes_the_registry(app):
-    writes = {rule.rule for rule in app.url_map.iter_rules() if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}}
-    # Two routes classify (and record history); three record feedback or delete a person's own
-    # predictions; two log in and out. None touches the models.
-    assert writes == {
-        "/",
-        "/api/v1/predict",
-        "/predictions/<int(max=2147483647):prediction_id>/feedback",
-        "/predictions/<int(max=2147483647):prediction_id>/delete",
-        "/history/forget",
-        "/login",
-        "/logout",
-    }
+def registry_state(app) -> tuple[list, list]:
+    """Every stored model (what it is, whether it is active) and every calibration."""
+    with app.app_context():
+        db.session.expire_all()
+        models = [(r.id, r.name, r.version, r.sha256, r.is_active, r.metrics) for r in model_store.list_models()]
+        calibrations = db.session.execute(select(ModelCalibration.model_id, ModelCalibration.created_at)).all()
+        return models, calibrations
+
+
+def test_no_web_route_changes_the_registry(app, client, runner, other_model_file):
+    # Models are imported, activated, calibrated and deleted with the CLI only. An operator sends
+    # every route that takes a write method a request naming each model, in its path (every
+    # argument) and its form, with a model file attached: the registry must be as it was.
+    with app.app_context():
+        ids = [row.id for row in model_store.list_models()]
+        ids.append(model_store.import_model(other_model_file, name="other").id)
+    make_user(runner, "root", role="operator")
+    assert login(client, "root").status_code == 302
+    assert classify(client, image_bytes()).status_code == 200  # a prediction, for the routes that take one
+    before = registry_state(app)
+    adapter = app.url_map.bind("localhost")
+    sent = set()
+    for rule, model_id in itertools.product(app.url_map.iter_rules(), ids):
+        for method in sorted(rule.methods & {"POST", "PUT", "PATCH", "DELETE"}):
+            login(client, "root")  # again: one of the routes is /logout
+            path = adapter.build(rule.endpoint, dict.fromkeys(rule.arguments, model_id), method=method)
+            form = {"model_id": model_id, "id": model_id, "name": "other", "activate": "1", "confirm": "1"}
+            form |= {field: (io.BytesIO(other_model_file.read_bytes()), "other.h5") for field in ("file", "model")}
+            assert client.open(path, method=method, data=form).status_code < 500, (method, path)
+            sent.add(path)
+    assert {"/api/v1/predict", "/logout", f"/predictions/{ids[-1]}/feedback"} <= sent  # the loop did reach routes
+    assert registry_state(app) == before
 
 
 def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp_path):

