@@ -57,8 +57,50 @@ class FrontDoorSettings:
 
 def service_account() -> pwd.struct_passwd | None:
     """Whom the servers' workers run as when started as root: WEB_USER (default nobody; root keeps
-    them root on purpose); None when not started as root."""
-    return pwd.getpwnam(os.environ.get("WEB_USER", "nobody")) if os.geteuid() == 0 else None
+    them root on purpose); None when not started as root.
+
+    The workers import Python and the app after the drop, so the account must reach them. A
+    WEB_USER that cannot is refused; the default `nobody`, when it cannot (Python installed in
+    root's 0700 home, as on this project's build machines), is skipped with a warning rather than
+    leaving `make run` unable to start."""
+    if os.geteuid() != 0:
+        return None
+    chosen = os.environ.get("WEB_USER")
+    account = pwd.getpwnam(chosen or "nobody")
+    blocked = unreachable_paths(account)
+    if not blocked:
+        return account
+    problem = f"{account.pw_name} cannot read {', '.join(blocked)}, which the workers import from"
+    if chosen:
+        raise SystemExit(f"WEB_USER={chosen}: {problem}; make them readable or choose another user")
+    print(f"warning: the workers stay root: {problem} (set WEB_USER to a user who can)", file=sys.stderr)
+    return None
+
+
+def unreachable_paths(account: pwd.struct_passwd) -> list[str]:
+    """The Python installation and source folders `account` cannot enter."""
+    return unreachable_paths_of(account, [Path(sys.prefix), Path(sys.base_prefix), ROOT])
+
+
+def unreachable_paths_of(account: pwd.struct_passwd, paths: list[Path]) -> list[str]:
+    """Those of `paths` that `account` cannot enter."""
+    return sorted({str(path) for path in paths if not _can_enter(account, path)})
+
+
+def _can_enter(account: pwd.struct_passwd, path: Path) -> bool:
+    """Whether `account` may search every folder from / down to `path` (by the permission bits)."""
+    groups = {account.pw_gid, *(group.gr_gid for group in grp.getgrall() if account.pw_name in group.gr_mem)}
+    for folder in (*reversed(path.resolve().parents), path.resolve()):
+        mode = folder.stat()
+        if mode.st_uid == account.pw_uid:
+            allowed = mode.st_mode & 0o100
+        elif mode.st_gid in groups:
+            allowed = mode.st_mode & 0o010
+        else:
+            allowed = mode.st_mode & 0o001
+        if not allowed:
+            return False
+    return True
 
 
 def give_to(account: pwd.struct_passwd, folder: Path) -> None:

@@ -80,6 +80,7 @@ def test_serve_proxy_refuses_a_public_address_with_anonymous_use_left_on(tmp_pat
 def test_started_as_root_the_workers_of_both_servers_run_as_nobody(tmp_path, monkeypatch):
     nobody = pwd.getpwnam("nobody")
     monkeypatch.delenv("WEB_USER", raising=False)
+    monkeypatch.setattr(frontdoor, "unreachable_paths", lambda account: [])  # Python where nobody reads it
     # nginx's workers (the master keeps root to bind and read its config).
     rendered = render(FrontDoorSettings(socket=str(tmp_path / "g.sock")), tmp_path)
     assert rendered.splitlines()[3] == f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
@@ -94,6 +95,31 @@ def test_started_as_root_the_workers_of_both_servers_run_as_nobody(tmp_path, mon
     settings["on_starting"](SimpleNamespace(cfg=SimpleNamespace(bind=["unix:g.sock"])))
     for path in (tmp_path / "instance", tmp_path / "instance" / "app.sqlite", tmp_path / "instance" / "prometheus"):
         assert path.stat().st_uid == nobody.pw_uid, path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the workers drop from root: this test must run as root")
+def test_workers_stay_root_only_when_the_default_user_cannot_read_python(monkeypatch, capsys):
+    monkeypatch.setattr(frontdoor, "unreachable_paths", lambda account: ["/root/python"])
+    monkeypatch.delenv("WEB_USER", raising=False)
+    assert frontdoor.service_account() is None
+    assert "the workers stay root: nobody cannot read /root/python" in capsys.readouterr().err
+    monkeypatch.setenv("WEB_USER", "nobody")  # asked for by name: refused, never root instead
+    with pytest.raises(SystemExit, match="WEB_USER=nobody: nobody cannot read /root/python"):
+        frontdoor.service_account()
+
+
+def test_an_account_cannot_enter_a_folder_closed_to_others():
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp())  # in /tmp, which everyone may enter
+    try:
+        closed = top / "python"
+        closed.mkdir()
+        top.chmod(0o700)
+        assert frontdoor.unreachable_paths_of(nobody, [closed]) == [str(closed)]
+        top.chmod(0o701)
+        assert frontdoor.unreachable_paths_of(nobody, [closed]) == []
+    finally:
+        shutil.rmtree(top)
 
 
 def child_uids(parent: int) -> list[int]:
