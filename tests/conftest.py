@@ -165,14 +165,15 @@ def make_app(request, tmp_path) -> Callable[..., Flask]:
     PostgreSQL emptied; for a test that uses `app`, a copy of the seeded template instead."""
     database_uri = POSTGRES_URL or f"sqlite:///{tmp_path / 'test.sqlite'}"
     # Prepared before the first app of the test opens the database, whichever fixture builds it.
-    if "app" in request.fixturenames:
+    seeded = {"app", "make_served_app"} & set(request.fixturenames)
+    if seeded:
         request.getfixturevalue("seeded_template").copy_to(database_uri)
     built: list[Flask] = []
 
     def build(instance: str = "instance", **overrides) -> Flask:
         config = {**BASE_CONFIG, "INSTANCE_PATH": str(tmp_path / instance), "SQLALCHEMY_DATABASE_URI": database_uri}
         app = create_app({**config, **overrides})
-        if POSTGRES_URL and not built and "app" not in request.fixturenames:
+        if POSTGRES_URL and not built and not seeded:
             with app.app_context():
                 _drop_everything(db.engine)
         built.append(app)
@@ -198,6 +199,18 @@ def app(bare_app) -> Flask:
     served."""
     serve_registry(bare_app)
     return bare_app
+
+
+@pytest.fixture
+def make_served_app(make_app) -> Callable[..., Flask]:
+    """Like `app`, with settings of the test's own: `make_served_app(RETENTION_DAYS=0)`."""
+
+    def build(**overrides) -> Flask:
+        app = make_app(**overrides)
+        serve_registry(app)
+        return app
+
+    return build
 
 
 @pytest.fixture

@@ -195,30 +195,6 @@ def test_metrics_for_loopback_operators_and_the_token(app, runner):
     assert client.get("/metrics").status_code == 401
 
 
-def test_training_command_and_data_path_are_for_operators(app, runner, seed_model_file, tmp_path):
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(
-        '{"arch": "cnn", "test_accuracy": 0.5, "data_source": "/home/builder/secret-data",'
-        ' "data_sha256": "ab", "command": "python train.py --data /home/builder/secret-data"}'
-    )
-    imported = runner.invoke(args=["models", "import", str(seed_model_file), "--metrics", str(metrics)])
-    model_id = int(re.search(r"as model (\d+)", imported.output).group(1))
-    client = app.test_client()
-
-    def api_metrics(**kwargs):
-        listed = client.get("/api/v1/models", **kwargs).get_json()["models"]
-        return next(model["metrics"] for model in listed if model["id"] == model_id)
-
-    public = api_metrics()
-    assert public["test_accuracy"] == 0.5 and "command" not in public and "data_source" not in public
-    assert "secret-data" not in client.get(f"/models/{model_id}").get_data(as_text=True)
-    make_user(runner, "olga", "operator")
-    assert api_metrics(headers=bearer(make_key(runner, "olga")))["command"].startswith("python train.py")
-    login(client, "olga")
-    card = client.get(f"/models/{model_id}").get_data(as_text=True)
-    assert "/home/builder/secret-data" in card and "python train.py" in card
-
-
 def test_retention_purge_by_command_and_at_most_hourly_by_the_app(app, runner, client):
     old_id, new_id = predict_id(client, 1), predict_id(client, 2)
     with app.app_context():

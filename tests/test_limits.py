@@ -12,10 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import bearer, classify, image_bytes, login, make_key, make_user, serve_registry
+from helpers import bearer, classify, image_bytes, login, make_key, make_user
 from sqlalchemy import func, select
 
-import model_store
 from database import db
 from predictions import PredictionRecord
 
@@ -24,13 +23,8 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 @pytest.fixture
-def limited_app(make_app, seed_model_file):
-    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="2 per minute", LOGIN_RATE_LIMIT="3 per minute")
-    with app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
-    serve_registry(app)
-    return app
+def limited_app(make_served_app):
+    return make_served_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="2 per minute", LOGIN_RATE_LIMIT="3 per minute")
 
 
 def test_failed_logins_are_limited_per_address(limited_app):
@@ -199,13 +193,8 @@ def test_a_key_counts_against_its_own_bucket_only_when_it_authenticated(limited_
 
 
 @pytest.fixture
-def costed_app(make_app, seed_model_file):
-    app = make_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="4 per minute", EXPLAIN_COST=2)  # pages: 2 too
-    with app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
-    serve_registry(app)
-    return app
+def costed_app(make_served_app):
+    return make_served_app(RATELIMIT_ENABLED=True, PREDICT_RATE_LIMIT="4 per minute", EXPLAIN_COST=2)  # pages: 2 too
 
 
 def test_predictions_are_counted_in_images_and_a_saliency_map_costs_more(costed_app):
@@ -232,13 +221,8 @@ def test_the_explain_page_is_limited_with_the_predictions(costed_app):
     assert over.status_code == 429 and "Too many requests" in over.get_data(as_text=True)
 
 
-def test_explain_is_for_a_few_images_per_request(make_app, seed_model_file):
-    app = make_app(MAX_EXPLAINED_IMAGES=2)
-    with app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
-    serve_registry(app)
-    client = app.test_client()
+def test_explain_is_for_a_few_images_per_request(make_served_app):
+    client = make_served_app(MAX_EXPLAINED_IMAGES=2).test_client()
     refused = classify(client, *[image_bytes()] * 3, route="/api/v1/predict?explain=1")
     assert refused.status_code == 413 and "at most 2 images" in refused.get_json()["error"]["message"]
     answer = classify(client, *[image_bytes()] * 2, route="/api/v1/predict?explain=1")

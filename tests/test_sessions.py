@@ -283,12 +283,8 @@ def test_at_login_the_visitor_may_delete_its_predictions_instead(app, runner):
 # Item 7: RETENTION_DAYS=0 keeps predictions until deleted.
 
 
-def test_retention_days_zero_purges_nothing_and_all_needs_confirming(make_app, seed_model_file):
-    app = make_app(RETENTION_DAYS=0)
-    with app.app_context():
-        model_store.init_db()
-        model_store.import_model(seed_model_file, name="seed")
-    serve_registry(app)
+def test_retention_days_zero_purges_nothing_and_all_needs_confirming(make_served_app):
+    app = make_served_app(RETENTION_DAYS=0)
     prediction_id = predict_id(app.test_client(), 1)
     with app.app_context():
         predictions.get(prediction_id).created_at = datetime.now(UTC) - timedelta(days=400)
