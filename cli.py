@@ -12,7 +12,7 @@ from flask.cli import AppGroup, with_appcontext
 import heatmap
 import metrics_schema
 import model_store
-import predictions
+import prediction_history
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
 from model_sandbox import ImportLimits
@@ -226,7 +226,7 @@ def _ood_text(score: float | None) -> str:
 @with_appcontext
 def export_feedback_command(directory: Path) -> None:
     """Write marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for train.py --data)."""
-    counts = predictions.export_feedback(directory)
+    counts = prediction_history.export_feedback(directory)
     if not counts:
         click.echo("no marked predictions with kept images; nothing written")
         return

@@ -15,7 +15,7 @@ from flask import Flask, Request, current_app, make_response, request
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.exc import SQLAlchemyError
 
-import predictions
+import prediction_history
 from database import db
 
 PURGE_INTERVAL_S = 3600
@@ -76,7 +76,7 @@ class HistoryPurge:
             return  # another thread of this worker is purging now
         try:
             self._last = now
-            removed = predictions.purge(float(days))
+            removed = prediction_history.purge(float(days))
         except SQLAlchemyError as exc:
             # A purge that fails (no schema yet, a locked database) must not fail the request.
             db.session.rollback()
