@@ -265,7 +265,7 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
     The held-out images must not have been trained on: for a model trained by train.py on
     CIFAR-10 with its defaults, `--val-fraction 0.1 --seed 0` is its own validation split.
     """
-    from calibrate import calibrate_folder
+    from training.calibration_fit import calibrate_folder
 
     try:
         row = model_store.get_model(model_id)

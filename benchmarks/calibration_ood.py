@@ -225,8 +225,8 @@ def main() -> int:
     import metrics_schema
     import model_store
     from app import create_app
-    from calibrate import calibrate_folder
     from serving import spec_of
+    from training.calibration_fit import calibrate_folder
 
     metrics_path = args.metrics or args.model.with_name("metrics.json")
     metrics = metrics_schema.read_metrics(metrics_path) if metrics_path.is_file() else {}

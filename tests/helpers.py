@@ -89,8 +89,8 @@ def serve_registry(app) -> None:
 def force_calibration(app, confidence_threshold: float, ood_threshold: float) -> dict:
     """Calibrate the active model for real on random images, then store the record with the
     given thresholds (see FORCED) and serve it; returns the stored record."""
-    from calibrate import calibrate_model
     from serving import spec_of
+    from training.calibration_fit import calibrate_model
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
