@@ -16,13 +16,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import database
 import heatmap
-import monitoring
 from accounts import Lockout
 from cli import register_commands
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy
+from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy, prometheus
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -113,7 +112,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     extensions.init_app(app)
     credentials.init_app(app)
     privacy.init_app(app)
-    monitoring.init_app(app)
+    prometheus.init_app(app)
     for blueprint in (auth.bp, pages.bp, api.bp, ops.bp):
         app.register_blueprint(blueprint)
     errors.init_app(app, api.API_PREFIX)
