@@ -6,12 +6,15 @@ marked images export as an image-folder data set that `train.py --data` reads.
 
 Each prediction has an owner (an account, or an anonymous browser session) and each piece of
 feedback an author; a `Viewer` sees only their own predictions unless an operator. Predictions
-older than the retention period are purged.
+older than the retention period are purged, by `flask purge-history` or, at most once an interval
+per process, by `HistoryPurge` (which web/privacy.py runs before requests).
 """
 
 from __future__ import annotations
 
 import csv
+import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,6 +250,37 @@ def purge(retention_days: float, now: datetime | None = None) -> int:
     result = db.session.execute(delete(HistoryEntry).where(HistoryEntry.created_at < cutoff))
     db.session.commit()
     return result.rowcount
+
+
+# Purging from requests: often enough that nothing outlives its period by much, rarely enough
+# that a request almost never pays for it.
+PURGE_INTERVAL_S = 3600
+
+
+class HistoryPurge:
+    """Deletes predictions older than the retention period at most once per interval per process,
+    and never from two threads of one process at once."""
+
+    def __init__(self, interval_s: float = PURGE_INTERVAL_S):
+        self.interval_s = interval_s
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def maybe_run(self, retention_days: float) -> int | None:
+        """Purge if due: how many were deleted, or None when not due, already running, or the
+        period is 0 (kept until deleted). A database error propagates; the interval still counts."""
+        if not retention_days:
+            return None
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval_s:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread of this process is purging now
+        try:
+            self._last = now
+            return purge(float(retention_days))
+        finally:
+            self._lock.release()
 
 
 def purge_all() -> int:
