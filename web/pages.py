@@ -20,11 +20,11 @@ import reports
 from calibration import DECISIONS, ECE_BINS
 from database import db
 from web.auth import current_viewer, is_operator, require_page_login
+from web.classify import classify_request
 from web.errors import describe, html_error
 from web.extensions import model_serving
 from web.limits import explain_limit, predict_limit
 from web.privacy import no_store
-from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
 bp.before_request(require_page_login)

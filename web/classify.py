@@ -1,5 +1,5 @@
-"""What the page and the API share: reading the images of a request and classifying them with
-the served model, recorded in the prediction history when that is on."""
+"""The app's core use case, shared by the page and the API: read the images of a request,
+classify them with the served model, and record them in the prediction history when that is on."""
 
 from __future__ import annotations
 
