@@ -15,9 +15,9 @@ from PIL import Image
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import database
-import heatmap
 from accounts import Lockout
 from cli import register_commands
+from inference import heatmap
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS

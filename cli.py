@@ -9,12 +9,12 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-import heatmap
 import metrics_schema
 import model_store
 import prediction_history
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
+from inference import heatmap
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError

@@ -33,9 +33,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-import calibration
 import metrics_schema
 from database import db
+from inference import calibration
 from model_formats import STORED_FORMAT, ModelStoreError
 from model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
 from model_sandbox import (
@@ -167,7 +167,7 @@ class ModelVersion(db.Model):
 
 
 class ModelCalibration(db.Model):
-    """A model's calibration (see calibration.py and ood.py): a small public summary, the record
+    """A model's calibration (see inference/calibration.py and inference/ood.py): a small public summary, the record
     without its OOD arrays (what the model card reads: a few kB of JSON) and those arrays as a
     safetensors BLOB (megabytes), loaded only when the model is served."""
 

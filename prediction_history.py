@@ -81,7 +81,7 @@ class HistoryEntry(db.Model):
     # even after that model is deleted. NULL only on rows older than this column whose model is gone.
     class_names: Mapped[list | None] = mapped_column(JSON)
     confidence: Mapped[float] = mapped_column(Float, nullable=False)
-    # confident | unsure | unknown (calibration.py); NULL for predictions made before it existed.
+    # confident | unsure | unknown (inference/calibration.py); NULL for predictions made before it existed.
     decision: Mapped[str | None] = mapped_column(String(10), index=True)
     ood_score: Mapped[float | None] = mapped_column(Float)
     image_sha256: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -22,13 +22,13 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-import heatmap
 import model_store
-from batching import MicroBatcher
-from calibration import Calibration
 from database import db
-from explain import Explainer, NoExplanation, Unexplainable, explainer_for
-from image_statistics import ImageStatistics, image_statistics
+from inference import heatmap
+from inference.batching import MicroBatcher
+from inference.calibration import Calibration
+from inference.explain import Explainer, NoExplanation, Unexplainable, explainer_for
+from inference.image_statistics import ImageStatistics, image_statistics
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,

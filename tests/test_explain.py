@@ -12,9 +12,9 @@ import pytest
 from helpers import random_image_bytes, serve_registry
 from PIL import Image
 
-import explain
 import model_store
 import serving
+from inference import explain
 from model_spec import CIFAR10_CLASSES
 from predictor import ModelSpec
 

@@ -18,7 +18,7 @@ from sqlalchemy import inspect
 
 import model_store
 import serving
-from image_statistics import image_statistics
+from inference.image_statistics import image_statistics
 from predictor import decode_image
 from serving import CHAMPION, DecodeBudget, ModelSlots, Upload, decode_uploads
 from web import prometheus

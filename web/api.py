@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.sansio.utils import host_is_trusted
 
-import heatmap
 import model_store
+from inference import heatmap
 from serving import ClassifiedImage
 from web.auth import is_operator, require_api_caller
 from web.classify import classify_request

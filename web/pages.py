@@ -17,8 +17,8 @@ import model_store
 import plot_cache
 import prediction_history
 import reports
-from calibration import DECISIONS, ECE_BINS
 from database import db
+from inference.calibration import DECISIONS, ECE_BINS
 from web.auth import current_viewer, is_operator, require_page_login
 from web.classify import classify_request
 from web.errors import describe, html_error
