@@ -27,7 +27,7 @@ from sqlalchemy import select, text, update
 import model_store
 import prediction_history
 from database import db
-from hostile_files import truncated
+from devtools.hostile_files import truncated
 from model_spec import CIFAR10_CLASSES
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import softmax
