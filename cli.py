@@ -9,7 +9,6 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-import metrics_schema
 import model_store
 import prediction_history
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
@@ -18,6 +17,7 @@ from inference import heatmap
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
+from registry import metrics_schema
 from serving import Upload, clean_filename, spec_of
 from web.extensions import model_serving
 
@@ -31,7 +31,7 @@ def _fail(message: str) -> None:
 
 
 def _read_metrics(path: Path) -> dict:
-    """A metrics JSON, normalised, with the calibration.safetensors beside it (metrics_schema.py)."""
+    """A metrics JSON, normalised, with the calibration.safetensors beside it (registry/metrics_schema.py)."""
     try:
         return metrics_schema.read_metrics(path)
     except (OSError, ValueError) as exc:

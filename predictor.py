@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app_errors import AppError
 from inference.ood import with_pooled_features
-from model_spec import ModelSpec
+from registry.model_spec import ModelSpec
 
 # Formats a browser photo upload can reasonably be; anything else (PDF, EPS, SVG...) is refused
 # before Pillow hands it to a plug-in.

@@ -221,10 +221,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    import metrics_schema
     import model_store
     from app import create_app
     from inference import calibration as cal
+    from registry import metrics_schema
     from serving import spec_of
     from training.calibration_fit import calibrate_folder
 

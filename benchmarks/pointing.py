@@ -82,8 +82,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import model_store
-    from model_spec import ModelSpec
     from predictor import Predictor, decode_upload
+    from registry.model_spec import ModelSpec
 
     sidecar = args.model.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.is_file() else {}

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import model_store
-from model_spec import CIFAR10_CLASSES
+from registry.model_spec import CIFAR10_CLASSES
 
 CIFAR10 = list(CIFAR10_CLASSES)
 # CI runs the suite a second time against PostgreSQL with this set (see .ci/run).

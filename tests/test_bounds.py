@@ -12,7 +12,7 @@ from sqlalchemy import text
 import model_store
 import prediction_history
 from database import db
-from model_spec import CIFAR10_CLASSES
+from registry.model_spec import CIFAR10_CLASSES
 
 HUGE = "99999999999999999999"
 

@@ -15,8 +15,8 @@ from PIL import Image
 import model_store
 import serving
 from inference import explain
-from model_spec import CIFAR10_CLASSES
 from predictor import ModelSpec
+from registry.model_spec import CIFAR10_CLASSES
 
 DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
 

@@ -28,9 +28,9 @@ import model_store
 import prediction_history
 from database import db
 from devtools.hostile_files import truncated
-from model_spec import CIFAR10_CLASSES
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import softmax
+from registry.model_spec import CIFAR10_CLASSES
 from web.extensions import model_serving
 
 
