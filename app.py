@@ -15,14 +15,13 @@ from PIL import Image
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import database
-import heatmap
-import monitoring
 from accounts import Lockout
 from cli import register_commands
+from inference import heatmap
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy
+from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy, prometheus, sessions
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -112,8 +111,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     auth.init_app(app)
     extensions.init_app(app)
     credentials.init_app(app)
+    sessions.init_app(app)
     privacy.init_app(app)
-    monitoring.init_app(app)
+    prometheus.init_app(app)
     for blueprint in (auth.bp, pages.bp, api.bp, ops.bp):
         app.register_blueprint(blueprint)
     errors.init_app(app, api.API_PREFIX)

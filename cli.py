@@ -9,15 +9,15 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-import heatmap
-import metrics_schema
 import model_store
-import predictions
+import prediction_history
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from database import db
+from inference import heatmap
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
+from registry import metrics_schema
 from serving import Upload, clean_filename, spec_of
 from web.extensions import model_serving
 
@@ -31,7 +31,7 @@ def _fail(message: str) -> None:
 
 
 def _read_metrics(path: Path) -> dict:
-    """A metrics JSON, normalised, with the calibration.safetensors beside it (metrics_schema.py)."""
+    """A metrics JSON, normalised, with the calibration.safetensors beside it (registry/metrics_schema.py)."""
     try:
         return metrics_schema.read_metrics(path)
     except (OSError, ValueError) as exc:
@@ -226,7 +226,7 @@ def _ood_text(score: float | None) -> str:
 @with_appcontext
 def export_feedback_command(directory: Path) -> None:
     """Write marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for train.py --data)."""
-    counts = predictions.export_feedback(directory)
+    counts = prediction_history.export_feedback(directory)
     if not counts:
         click.echo("no marked predictions with kept images; nothing written")
         return
@@ -265,7 +265,7 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
     The held-out images must not have been trained on: for a model trained by train.py on
     CIFAR-10 with its defaults, `--val-fraction 0.1 --seed 0` is its own validation split.
     """
-    from calibrate import calibrate_folder
+    from training.calibration_fit import calibrate_folder
 
     try:
         row = model_store.get_model(model_id)

@@ -10,7 +10,7 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
 import accounts
-import predictions
+import prediction_history
 from accounts import AccountError
 
 users_group = AppGroup("users", help="Accounts: create, list, delete, set-password, set-role, disable, enable.")
@@ -141,13 +141,13 @@ def purge_history_command(days: float | None, everything: bool, yes: bool) -> No
             raise click.UsageError("--all deletes every prediction: it takes no --days")
         if not yes:
             click.confirm("Delete every prediction of everyone, with its thumbnail?", abort=True)
-        click.echo(f"deleted all {predictions.purge_all()} predictions")
+        click.echo(f"deleted all {prediction_history.purge_all()} predictions")
         return
     days = current_app.config["RETENTION_DAYS"] if days is None else days
     if not days:
         click.echo("RETENTION_DAYS is 0: predictions are kept until deleted, none purged (--all deletes all)")
         return
-    removed = predictions.purge(float(days))
+    removed = prediction_history.purge(float(days))
     click.echo(f"deleted {removed} predictions older than {days:g} days")
 
 

@@ -16,7 +16,7 @@ key), and a user namespace unless the parent is root, when the child runs as `no
 or user namespaces are off) the import is refused unless MODEL_IMPORT_CONFINE is false, which
 keeps everything above but the namespaces.
 
-The child also re-saves the model it loaded without HDF5 (model_files.py), and that file is
+The child also re-saves the model it loaded without HDF5 (registry/model_files.py), and that file is
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
 For the same reason `flask models export ID model.keras|model.h5` writes standard Keras files
@@ -143,7 +143,7 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
     then save the loaded model to `served_file` as a registry model file (without HDF5)."""
     import numpy as np
 
-    import model_formats
+    from registry import model_formats
 
     fmt = model_formats.detect_format(path.read_bytes())
     if path.suffix != f".{fmt}":  # Keras picks its reader by the suffix; the child gets `upload`
@@ -188,8 +188,8 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
 
 def _save_checked(model, filename: str, served_file: Path) -> None:
     """Save the registry's file and load it back: loading checks it gives the model's outputs on
-    the probe images (model_files.py), as every later load will."""
-    import model_files
+    the probe images (registry/model_files.py), as every later load will."""
+    from registry import model_files
 
     odd = sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind not in "biuf"})
     if odd:
@@ -207,7 +207,7 @@ def export_model_file(source: Path, destination: Path) -> None:
     import keras
     import numpy as np
 
-    import model_files
+    from registry import model_files
 
     if destination.suffix not in EXPORT_SUFFIXES:
         raise SandboxError(f"{destination.name}: a Keras file is exported as .keras or .h5")
@@ -394,8 +394,8 @@ def _copy_out(source: Path, target: Path, filename: str) -> None:
 def _child(argv: list[str]) -> int:
     path, output = Path(argv[0]), Path(argv[1])
     _apply_limits(*(int(value) for value in argv[2:6]))
-    import model_files
-    from model_formats import ModelStoreError
+    from registry import model_files
+    from registry.model_formats import ModelStoreError
 
     try:
         if argv[6] == EXPORT_FLAG:

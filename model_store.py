@@ -1,7 +1,7 @@
 """The model registry: trained Keras models stored as versioned BLOBs in the SQL database.
 
 Import validates a file before anything is committed and stores the model as the sandbox
-re-saved it, without HDF5 (model_files.py, model_sandbox.py, docs/decisions/0001 say why);
+re-saved it, without HDF5 (registry/model_files.py, model_sandbox.py, docs/decisions/0001 say why);
 rehydration writes the active model's BLOB to the instance folder under its sha256 so each
 process can load it. Versions stored in an older format are re-saved once by
 `flask models upgrade-files` (`upgrade_files`), never while serving.
@@ -33,11 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-import calibration
-import metrics_schema
 from database import db
-from model_formats import STORED_FORMAT, ModelStoreError
-from model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
+from inference import calibration
 from model_sandbox import (
     EXPORT_SUFFIXES,
     ImportLimits,
@@ -48,8 +45,11 @@ from model_sandbox import (
     export_in_child,
     export_model_file,
 )
-from model_spec import SETTING_DEFAULTS, ModelSpec
 from predictor import INPUT_SCALES, OUTPUT_KINDS, TTA_MODES
+from registry import metrics_schema
+from registry.model_formats import STORED_FORMAT, ModelStoreError
+from registry.model_formats import load_keras_model as load_keras_model  # the loader callers know as model_store's
+from registry.model_spec import SETTING_DEFAULTS, ModelSpec
 
 FIRST_REVISION = "0001"
 # The metrics anyone may see (the API, the model card): an allow-list, so a key a new script adds
@@ -167,7 +167,7 @@ class ModelVersion(db.Model):
 
 
 class ModelCalibration(db.Model):
-    """A model's calibration (see calibration.py and ood.py): a small public summary, the record
+    """A model's calibration (see inference/calibration.py and inference/ood.py): a small public summary, the record
     without its OOD arrays (what the model card reads: a few kB of JSON) and those arrays as a
     safetensors BLOB (megabytes), loaded only when the model is served."""
 

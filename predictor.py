@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app_errors import AppError
-from model_spec import ModelSpec
-from ood import with_pooled_features
+from inference.ood import with_pooled_features
+from registry.model_spec import ModelSpec
 
 # Formats a browser photo upload can reasonably be; anything else (PDF, EPS, SVG...) is refused
 # before Pillow hands it to a plug-in.
@@ -232,7 +232,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    """Probabilities for one image, ranked, with the decision made on them (see calibration.py)
+    """Probabilities for one image, ranked, with the decision made on them (see inference/calibration.py)
     and the out-of-distribution score when the model has one."""
 
     probabilities: dict[str, float]

@@ -22,14 +22,13 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-import heatmap
 import model_store
-import monitoring
-from batching import MicroBatcher
-from calibration import Calibration
 from database import db
-from explain import Explainer, NoExplanation, Unexplainable, explainer_for
-from image_statistics import ImageStatistics, image_statistics
+from inference import heatmap
+from inference.batching import MicroBatcher
+from inference.calibration import Calibration
+from inference.explain import Explainer, NoExplanation, Unexplainable, explainer_for
+from inference.image_statistics import ImageStatistics, image_statistics
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -44,6 +43,7 @@ from predictor import (
     thumbnail_jpeg,
     to_predictions,
 )
+from web import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,9 @@ class LoadedModel:
         if self.batcher is not None:
             scores = self.batcher(images)
         else:
-            monitoring.BATCH_SIZE.observe(len(images))
+            prometheus.BATCH_SIZE.observe(len(images))
             scores = self.predictor.score_arrays(images)
-        monitoring.IMAGES.inc(len(images))
+        prometheus.IMAGES.inc(len(images))
         return to_predictions(self.class_names, scores, self.calibration)
 
     def score(self, decoded: Sequence[DecodedUpload]) -> list[Prediction]:
@@ -146,7 +146,7 @@ def load_version(
     batcher = None
     if batching.enabled:
         batcher = MicroBatcher(
-            predictor.score_arrays, batching.max_batch, batching.max_wait_ms, monitoring.BATCH_SIZE.observe
+            predictor.score_arrays, batching.max_batch, batching.max_wait_ms, prometheus.BATCH_SIZE.observe
         )
     return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, explainer, batcher, calibrated_at)
 
@@ -273,7 +273,7 @@ class ModelSlots:
         self._models = models
         if previous is not None:
             previous.close()  # requests still holding it finish on it; new ones take the new one
-        monitoring.model_switched(name, previous, loaded)
+        prometheus.model_switched(name, previous, loaded)
 
 
 class RegistryPoller:

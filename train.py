@@ -7,7 +7,7 @@ The work is in the `training` package (data, architectures and recipes, optimise
 loop, evaluation); this file parses the command line and runs it. A stratified part of the
 training images (4 %) is held out: it gives the validation curve here and is kept for calibrating
 the model later; the test split is used once, for the reported figure. Writes the model (.h5,
-float32, no optimiser state), a metrics JSON (metrics_schema.py: its keys, and the calibration's
+float32, no optimiser state), a metrics JSON (registry/metrics_schema.py: its keys, and the calibration's
 OOD arrays beside it in calibration.safetensors) and a report (JSON, curves and confusion matrix PNG).
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import keras
 
-import calibrate
-import metrics_schema
-from model_spec import ModelSpec
 from predictor import TTA_MODES, Predictor
+from registry import metrics_schema
+from registry.model_spec import ModelSpec
+from training import calibration_fit
 from training.architectures import ARCHITECTURES, build_model, parse_widths
 from training.data import ImageSplits, load_splits
 from training.evaluation import (
@@ -118,7 +118,7 @@ def _train(args) -> dict:
     if len(splits.x_val):
         # Temperature, "not sure" threshold and OOD statistics from the held-out split only;
         # `flask models import` stores them with the model.
-        metrics["calibration"] = calibrate.calibrate_model(
+        metrics["calibration"] = calibration_fit.calibrate_model(
             model, spec, splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test
         )
     metrics["wall_time_s"] = round(time.monotonic() - started, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from deploy.frontdoor import FrontDoorSettings, serve, wait_ready
-from devserver import free_port
+from devtools.devserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

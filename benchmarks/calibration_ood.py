@@ -221,12 +221,12 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    import calibration as cal
-    import metrics_schema
     import model_store
     from app import create_app
-    from calibrate import calibrate_folder
+    from inference import calibration as cal
+    from registry import metrics_schema
     from serving import spec_of
+    from training.calibration_fit import calibrate_folder
 
     metrics_path = args.metrics or args.model.with_name("metrics.json")
     metrics = metrics_schema.read_metrics(metrics_path) if metrics_path.is_file() else {}

@@ -6,7 +6,7 @@ Measures:
      p50 of the model call alone, both engines, alternated;
   2. images/s at batch 64 (with their views);
   3. the largest absolute difference of the outputs (logits, OOD features) on random images, the
-     share of them given the same top class, and of Grad-CAM maps against explain.py's;
+     share of them given the same top class, and of Grad-CAM maps against inference/explain.py's;
   4. process PSS, RSS and USS (/proc/self/smaps_rollup) and start to first answer of a fresh
      process that loads only what serving needs: the engine and the converted file, or
      TensorFlow, Keras and the model file (each in its own subprocess, timed from its start);
@@ -71,7 +71,7 @@ def memory_mb() -> dict:
 
 def describe(model_path: Path, model) -> tuple[ModelSpec, tuple[str, ...], str | None]:
     """The model's spec, OOD layers and explain layer, from metrics.json beside it when there is one."""
-    from ood import default_layers
+    from inference.ood import default_layers
 
     metrics_path = model_path.with_name("metrics.json")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -124,9 +124,9 @@ def ratio(figures: dict, engine: str = "litert") -> float:
 
 
 def grad_cam_difference(model, spec: ModelSpec, explain_layer: str | None, engine) -> float | None:
-    """The largest difference between explain.py's TensorFlow maps and the engine's (None when
+    """The largest difference between inference/explain.py's TensorFlow maps and the engine's (None when
     the engine has no explanation for this model)."""
-    from explain import Explainer
+    from inference.explain import Explainer
 
     if not engine.explainable:
         return None
@@ -146,7 +146,7 @@ def child(kind: str, directory: Path) -> None:
     spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
     batch = views_of(spec, 1)
     if kind == "lite":
-        from lite_engine import LiteEngine
+        from inference.lite_engine import LiteEngine
 
         metadata = json.loads((directory / "model.json").read_text())
         engine = LiteEngine((directory / "model.tflite").read_bytes(), metadata, config["threads"])
@@ -191,7 +191,7 @@ def fresh_process(kind: str, directory: Path) -> dict:
 def measure(args) -> dict:
     import keras
 
-    import lite_engine
+    from inference import lite_engine
     from predictor import Predictor
 
     model = keras.saving.load_model(args.model, compile=False, safe_mode=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from attacks import ROOT, call, front_door, sixteen_bit_png, slow_clients, slowloris
 from serve import jpeg_bytes, multipart
 
-from devserver import prepare_instance, worker_pids
+from devtools.devserver import prepare_instance, worker_pids
 
 
 def memory_mb(pid: int, field: str) -> float:

@@ -68,7 +68,7 @@ def drawn_map(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def main() -> int:
-    from explain import WEIGHTINGS, Explainer
+    from inference.explain import WEIGHTINGS, Explainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a .h5/.keras model (metrics.json beside it is read)")
@@ -82,8 +82,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import model_store
-    from model_spec import ModelSpec
     from predictor import Predictor, decode_upload
+    from registry.model_spec import ModelSpec
 
     sidecar = args.model.with_name("metrics.json")
     metrics = json.loads(sidecar.read_text()) if sidecar.is_file() else {}

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from devserver import Server, prepare_instance, request
+from devtools.devserver import Server, prepare_instance, request
 
 ROOT = Path(__file__).resolve().parent.parent
 # Servers started for each state in phase 7: one server's p50 varies by a millisecond or two from

@@ -37,8 +37,8 @@ import numpy as np
 from attacks import front_door, sixteen_bit_png, slow_clients
 from serve import jpeg_bytes, multipart
 
-from devserver import Server, prepare_instance, request, worker_memory_by_pid, worker_pids
-from hostile_files import huge_png, truncated
+from devtools.devserver import Server, prepare_instance, request, worker_memory_by_pid, worker_pids
+from devtools.hostile_files import huge_png, truncated
 
 ROOT = Path(__file__).resolve().parent.parent
 

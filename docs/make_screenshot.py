@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from devserver import CHROMIUM, CHROMIUM_FLAGS, Server, prepare_instance
+from devtools.devserver import CHROMIUM, CHROMIUM_FLAGS, Server, prepare_instance
 from training.data import DEFAULT_ARCHIVE
 
 ROOT = Path(__file__).resolve().parent.parent

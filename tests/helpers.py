@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import model_store
-from model_spec import CIFAR10_CLASSES
+from registry.model_spec import CIFAR10_CLASSES
 
 CIFAR10 = list(CIFAR10_CLASSES)
 # CI runs the suite a second time against PostgreSQL with this set (see .ci/run).
@@ -89,8 +89,8 @@ def serve_registry(app) -> None:
 def force_calibration(app, confidence_threshold: float, ood_threshold: float) -> dict:
     """Calibrate the active model for real on random images, then store the record with the
     given thresholds (see FORCED) and serve it; returns the stored record."""
-    from calibrate import calibrate_model
     from serving import spec_of
+    from training.calibration_fit import calibrate_model
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)

@@ -8,10 +8,10 @@ from helpers import bearer, classify, image_bytes, login, make_key, make_user, r
 from sqlalchemy import select, text
 
 import accounts
-import predictions
+import prediction_history
 from app import create_app
 from database import db
-from predictions import PredictionRecord
+from prediction_history import HistoryEntry
 
 
 def predict_id(client, seed=0, **kwargs):
@@ -74,7 +74,7 @@ def test_api_key_is_printed_once_stored_as_a_hash_and_owns_its_predictions(app, 
     assert "script" in listed and "max" in listed and key not in listed
     prediction_id = predict_id(app.test_client(), headers=bearer(key))
     with app.app_context():
-        assert predictions.get(prediction_id).owner_user_id == accounts.find_user("max").id
+        assert prediction_history.get(prediction_id).owner_user_id == accounts.find_user("max").id
     assert runner.invoke(args=["api-keys", "revoke", "1"]).exit_code == 0
     refused = classify(app.test_client(), image_bytes(), headers=bearer(key))
     assert refused.status_code == 401 and refused.get_json()["error"]["code"] == "unauthorized"
@@ -93,7 +93,7 @@ def test_someone_elses_prediction_answers_404_everywhere(app):
     history = stranger.get("/history").get_data(as_text=True)
     assert f'id="p{prediction_id}"' not in history and "0.png" not in history
     with app.app_context():
-        row = predictions.get(prediction_id)
+        row = prediction_history.get(prediction_id)
         assert row.feedback is None and row.owner_session and row.owner_user_id is None
 
 
@@ -136,7 +136,7 @@ def test_feedback_records_its_author_and_others_cannot_overwrite_it(app, runner,
     assert locked.status_code == 409 and "marked by olga" in locked.get_data(as_text=True)
     assert max_client.post(f"/predictions/{first}/feedback", data={"verdict": "right"}).status_code == 302
     with app.app_context():
-        rows = {row.id: row for row in db.session.scalars(select(PredictionRecord))}
+        rows = {row.id: row for row in db.session.scalars(select(HistoryEntry))}
         assert (rows[first].feedback_author, rows[second].feedback_author) == ("max", "olga")
         assert rows[second].feedback == "right" and rows[first].feedback_at is not None
     assert runner.invoke(args=["export-feedback", str(tmp_path / "set")]).exit_code == 0
@@ -155,7 +155,7 @@ def test_people_delete_one_or_forget_all_of_their_predictions(app, runner):
     forgotten = anonymous.post("/history/forget", follow_redirects=True).get_data(as_text=True)
     assert "2 of your predictions" in forgotten
     with app.app_context():
-        assert [row.id for row in db.session.scalars(select(PredictionRecord))] == [kept]
+        assert [row.id for row in db.session.scalars(select(HistoryEntry))] == [kept]
 
 
 def test_anonymous_access_can_be_turned_off(make_app, seed_model_file):
@@ -198,25 +198,25 @@ def test_metrics_for_loopback_operators_and_the_token(app, runner):
 def test_retention_purge_by_command_and_at_most_hourly_by_the_app(app, runner, client):
     old_id, new_id = predict_id(client, 1), predict_id(client, 2)
     with app.app_context():
-        predictions.get(old_id).created_at = datetime.now(UTC) - timedelta(days=31)
+        prediction_history.get(old_id).created_at = datetime.now(UTC) - timedelta(days=31)
         db.session.commit()
     result = runner.invoke(args=["purge-history"])
     assert result.exit_code == 0 and "deleted 1 predictions older than 30 days" in result.output
     with app.app_context():
-        assert [row.id for row in db.session.scalars(select(PredictionRecord))] == [new_id]
-        predictions.get(new_id).created_at = datetime.now(UTC) - timedelta(days=40)
+        assert [row.id for row in db.session.scalars(select(HistoryEntry))] == [new_id]
+        prediction_history.get(new_id).created_at = datetime.now(UTC) - timedelta(days=40)
         db.session.commit()
     purge = app.extensions["history_purge"]
     purge._last = None  # as in a worker that has not purged yet
     client.get("/healthz")
     later_id = predict_id(client, 3)
     with app.app_context():
-        assert [row.id for row in db.session.scalars(select(PredictionRecord))] == [later_id]
-        predictions.get(later_id).created_at = datetime.now(UTC) - timedelta(days=40)
+        assert [row.id for row in db.session.scalars(select(HistoryEntry))] == [later_id]
+        prediction_history.get(later_id).created_at = datetime.now(UTC) - timedelta(days=40)
         db.session.commit()
     client.get("/healthz")  # within the hour: no second purge
     with app.app_context():
-        assert db.session.get(PredictionRecord, later_id) is not None
+        assert db.session.get(HistoryEntry, later_id) is not None
 
 
 @pytest.mark.parametrize(

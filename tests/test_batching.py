@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import image_bytes, random_image_bytes, serve_registry
 
-from batching import MicroBatcher
+from inference.batching import MicroBatcher
 
 
 def row_ids(images: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ from helpers import image_bytes, login, make_user, serve_registry
 from sqlalchemy import text
 
 import model_store
-import predictions
+import prediction_history
 from database import db
-from model_spec import CIFAR10_CLASSES
+from registry.model_spec import CIFAR10_CLASSES
 
 HUGE = "99999999999999999999"
 
@@ -62,7 +62,7 @@ def _predict_then_delete_the_model(app, client, other_model_file) -> int:
 def test_feedback_after_the_model_is_deleted_is_checked_against_the_row(app, client, other_model_file):
     prediction_id = _predict_then_delete_the_model(app, client, other_model_file)
     with app.app_context():
-        row = predictions.get(prediction_id)
+        row = prediction_history.get(prediction_id)
         other_class = next(name for name in row.class_names if name != row.top_class)
     for bad in ("unicorn", "x" * 5000):
         data = {"verdict": "wrong", "correct_class": bad}
@@ -73,7 +73,7 @@ def test_feedback_after_the_model_is_deleted_is_checked_against_the_row(app, cli
     )
     assert response.status_code == 302
     with app.app_context():
-        assert predictions.get(prediction_id).correct_class == other_class
+        assert prediction_history.get(prediction_id).correct_class == other_class
 
 
 def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_app, seed_model_file):
@@ -91,7 +91,7 @@ def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_
             )
         db.session.commit()
         model_store.init_db()
-        linked_row, orphan_row = db.session.scalars(predictions.query()).all()[::-1]
+        linked_row, orphan_row = db.session.scalars(prediction_history.query()).all()[::-1]
         assert linked_row.class_names == list(CIFAR10_CLASSES)
         assert orphan_row.class_names is None
         linked_id, orphan_id = linked_row.id, orphan_row.id

@@ -17,7 +17,7 @@ import pytest
 from helpers import FORCED, force_calibration, image_bytes, make_user, random_image_bytes
 
 import model_store
-from devserver import CHROMIUM, CHROMIUM_FLAGS
+from devtools.devserver import CHROMIUM, CHROMIUM_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")

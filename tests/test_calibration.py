@@ -4,9 +4,8 @@ pass rates come out as constructed."""
 import numpy as np
 import pytest
 
-import calibration
-import ood
-from calibration import Calibration
+from inference import calibration, ood
+from inference.calibration import Calibration
 from predictor import softmax
 
 

@@ -6,10 +6,10 @@ import numpy as np
 from helpers import FORCED, force_calibration
 from sqlalchemy import event
 
-import calibration
-import metrics_schema
 import model_store
 from database import db
+from inference import calibration
+from registry import metrics_schema
 
 
 def test_calibration_arrays_round_trip_through_the_blob(app):

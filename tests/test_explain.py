@@ -12,11 +12,11 @@ import pytest
 from helpers import random_image_bytes, serve_registry
 from PIL import Image
 
-import explain
 import model_store
 import serving
-from model_spec import CIFAR10_CLASSES
+from inference import explain
 from predictor import ModelSpec
+from registry.model_spec import CIFAR10_CLASSES
 
 DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
 

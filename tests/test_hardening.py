@@ -25,12 +25,12 @@ from PIL import Image
 from sqlalchemy import select, text, update
 
 import model_store
-import predictions
+import prediction_history
 from database import db
-from hostile_files import truncated
-from model_spec import CIFAR10_CLASSES
+from devtools.hostile_files import truncated
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import softmax
+from registry.model_spec import CIFAR10_CLASSES
 from web.extensions import model_serving
 
 
@@ -404,7 +404,7 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
     with app.app_context():
-        assert list(db.session.scalars(predictions.query())) == []  # nothing half-recorded
+        assert list(db.session.scalars(prediction_history.query())) == []  # nothing half-recorded
 
 
 def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_model_file, monkeypatch):
@@ -434,7 +434,7 @@ def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_fi
         seed_id = next(r.id for r in model_store.list_models() if r.name == "seed")
         model_store.activate(seed_id)
         model_store.delete(other_id)
-        row = db.session.scalars(predictions.query()).first()
+        row = db.session.scalars(prediction_history.query()).first()
         assert (row.model_id, row.model_name) == (None, "other")
 
 

@@ -16,7 +16,7 @@ from helpers import bearer, classify, image_bytes, login, make_key, make_user
 from sqlalchemy import func, select
 
 from database import db
-from predictions import PredictionRecord
+from prediction_history import HistoryEntry
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server")
@@ -215,7 +215,7 @@ def test_the_explain_page_is_limited_with_the_predictions(costed_app):
     client = costed_app.test_client()
     assert classify(client, image_bytes(), route="/").status_code == 200  # costs 2 of 4
     with costed_app.app_context():
-        prediction_id = db.session.scalar(select(func.max(PredictionRecord.id)))
+        prediction_id = db.session.scalar(select(func.max(HistoryEntry.id)))
     assert client.get(f"/predictions/{prediction_id}/explain").status_code == 200  # 4 of 4
     over = client.get(f"/predictions/{prediction_id}/explain")
     assert over.status_code == 429 and "Too many requests" in over.get_data(as_text=True)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from helpers import build_seed_like_model
 
-import lite_engine
-from explain import Explainer, NoExplanation
-from ood import default_layers, with_pooled_features
+from inference import lite_engine
+from inference.explain import Explainer, NoExplanation
+from inference.ood import default_layers, with_pooled_features
 from predictor import ModelSpec, scale_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_serving_with_the_engine_never_imports_tensorflow(strong, tmp_path):
     script = f"""
 import json, sys
 import numpy as np
-import lite_engine
+from inference import lite_engine
 engine = lite_engine.LiteEngine(open({str(tmp_path / "model.tflite")!r}, "rb").read(),
                                 json.load(open({str(tmp_path / "model.json")!r})))
 batch = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)

@@ -9,9 +9,9 @@ from flask_migrate import downgrade, upgrade
 from helpers import CIFAR10, serve_registry
 from sqlalchemy import inspect, text
 
-import calibration
 import model_store
 from database import MIGRATIONS_DIR
+from inference import calibration
 from model_store import ModelVersion, db
 
 

@@ -9,10 +9,10 @@ from helpers import build_seed_like_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-import model_files
 import model_store
-from model_files import ModelFileError
 from model_store import db
+from registry import model_files
+from registry.model_files import ModelFileError
 
 
 def bn_model():

@@ -9,10 +9,10 @@ import pytest
 from helpers import CIFAR10, build_seed_like_model
 from sqlalchemy.exc import IntegrityError
 
-import model_files
 import model_store
 from model_store import ModelStoreError, ModelVersion, db
 from predictor import softmax
+from registry import model_files
 from serving import load_version
 
 

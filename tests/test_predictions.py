@@ -6,7 +6,7 @@ import re
 import numpy as np
 from helpers import classify, image_bytes, random_image_bytes
 
-import predictions
+import prediction_history
 from database import db
 from training.data import read_image_folder
 
@@ -15,7 +15,7 @@ def test_every_prediction_is_recorded_with_a_thumbnail(app, client):
     body = classify(client, image_bytes("PNG"), random_image_bytes()).get_json()
     classify(client, image_bytes(), route="/")
     with app.app_context():
-        rows = list(db.session.scalars(predictions.query()))
+        rows = list(db.session.scalars(prediction_history.query()))
         assert [r.source for r in rows] == ["web", "api", "api"]
         api_row = rows[-1]
         assert api_row.id == body["predictions"][0]["id"]
@@ -29,7 +29,7 @@ def test_images_are_not_kept_when_turned_off(app, client):
     app.config["KEEP_IMAGES"] = False
     classify(client, image_bytes())
     with app.app_context():
-        row = db.session.scalars(predictions.query()).first()
+        row = db.session.scalars(prediction_history.query()).first()
         assert row is not None and row.thumbnail is None
 
 
@@ -41,8 +41,8 @@ def test_history_page_lists_newest_first_filters_and_paginates(app, client):
     assert ids == list(range(23, 3, -1)) and "page 1 of 2 (23 predictions)" in html
     assert re.findall(r'id="p(\d+)"', client.get("/history?page=2").get_data(as_text=True)) == ["3", "2", "1"]
     with app.app_context():
-        top = db.session.scalars(predictions.query()).first().top_class
-        expected = len(list(db.session.scalars(predictions.query(top_class=top))))
+        top = db.session.scalars(prediction_history.query()).first().top_class
+        expected = len(list(db.session.scalars(prediction_history.query(top_class=top))))
     filtered = client.get(f"/history?class={top}").get_data(as_text=True)
     assert len(re.findall(r'id="p\d+"', filtered)) == min(expected, 20)
     assert "No predictions match" in client.get("/history?model=99").get_data(as_text=True)
@@ -51,7 +51,7 @@ def test_history_page_lists_newest_first_filters_and_paginates(app, client):
 def test_feedback_right_and_wrong_and_the_rate_per_model(app, client):
     ids = [p["id"] for p in classify(client, *[random_image_bytes(s) for s in range(3)]).get_json()["predictions"]]
     with app.app_context():
-        top = predictions.get(ids[1]).top_class
+        top = prediction_history.get(ids[1]).top_class
     other = next(c for c in ("cat", "dog") if c != top)
     assert client.post(f"/predictions/{ids[0]}/feedback", data={"verdict": "right"}).status_code == 302
     response = client.post(f"/predictions/{ids[1]}/feedback", data={"verdict": "wrong", "correct_class": other})
@@ -60,8 +60,8 @@ def test_feedback_right_and_wrong_and_the_rate_per_model(app, client):
     assert f"marked wrong: it is {other}" in page and "marked right" in page
     assert "50 % (1/2)" in page
     with app.app_context():
-        assert predictions.get(ids[1]).labelled_class == other
-        rates = predictions.feedback_by_model()
+        assert prediction_history.get(ids[1]).labelled_class == other
+        rates = prediction_history.feedback_by_model()
         assert [(r.model_name, r.predictions, r.marked, r.marked_right) for r in rates] == [("seed", 3, 2, 1)]
 
 
@@ -77,7 +77,7 @@ def test_bad_feedback_is_refused_clearly(app, client):
         assert response.status_code == status and 'class="error"' in response.get_data(as_text=True)
     assert client.post("/predictions/999/feedback", data={"verdict": "right"}).status_code == 404
     with app.app_context():
-        assert predictions.get(prediction_id).feedback is None
+        assert prediction_history.get(prediction_id).feedback is None
 
 
 def test_feedback_form_needs_the_csrf_token(app, client):
@@ -103,10 +103,10 @@ def _token(client) -> str:
 def test_export_feedback_writes_a_data_set_train_reads(app, client, runner, tmp_path):
     ids = [p["id"] for p in classify(client, *[random_image_bytes(s) for s in range(3)]).get_json()["predictions"]]
     with app.app_context():
-        tops = [predictions.get(i).top_class for i in ids]
-        predictions.set_feedback(ids[0], "right", None)
+        tops = [prediction_history.get(i).top_class for i in ids]
+        prediction_history.set_feedback(ids[0], "right", None)
         wrong_class = next(c for c in ("truck", "ship") if c != tops[1])
-        predictions.set_feedback(ids[1], "wrong", wrong_class)
+        prediction_history.set_feedback(ids[1], "wrong", wrong_class)
     result = runner.invoke(args=["export-feedback", str(tmp_path / "fixes")])
     assert result.exit_code == 0 and "wrote 2 images" in result.output, result.output
     assert (tmp_path / "fixes" / tops[0] / f"{ids[0]}.jpg").exists()

@@ -17,9 +17,9 @@ from sqlalchemy import text
 
 import app as app_module
 import model_store
-import predictions
+import prediction_history
 from database import db
-from predictions import PredictionRecord
+from prediction_history import HistoryEntry
 
 
 def _mode(path: Path) -> int:
@@ -34,7 +34,7 @@ def test_thumbnails_keep_no_metadata_and_are_not_cached(app, client):
     assert b"Jane Doe" in upload
     prediction_id = classify(client, upload).get_json()["predictions"][0]["id"]
     with app.app_context():
-        stored = predictions.get(prediction_id).thumbnail
+        stored = prediction_history.get(prediction_id).thumbnail
     assert stored.startswith(b"\xff\xd8") and b"Jane Doe" not in stored
     thumbnail = Image.open(io.BytesIO(stored))
     assert "comment" not in thumbnail.info and "exif" not in thumbnail.info
@@ -121,7 +121,7 @@ def test_hosts_outside_trusted_hosts_are_refused_against_dns_rebinding(make_app,
     assert classify(client, image_bytes(), headers={"Origin": "http://127.0.0.1:5000"}).status_code == 403
     assert classify(client, image_bytes(), headers={"Origin": "http://localhost"}).status_code == 200
     with app.app_context():
-        assert db.session.query(PredictionRecord).count() == 1
+        assert db.session.query(HistoryEntry).count() == 1
     # A second app on the same database, so it serves the same model: ready, 200, for its hosts.
     configured_app = make_app(TRUSTED_HOSTS=["photos.example.org"])
     serve_registry(configured_app)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import model_formats
 import model_sandbox
 import model_store
 from model_sandbox import CHILD_ENV, OPEN_FILES, SOURCE_ROOT, ImportLimits
 from model_store import ModelStoreError
+from registry import model_formats
 
 ISOLATED = ImportLimits(isolated=True)
 

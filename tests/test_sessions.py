@@ -17,9 +17,9 @@ from werkzeug.security import generate_password_hash
 
 import accounts
 import model_store
-import predictions
+import prediction_history
 from database import db
-from predictions import PredictionRecord
+from prediction_history import HistoryEntry
 from web.auth import ANONYMOUS_COOKIE, api_key_state
 
 
@@ -50,7 +50,7 @@ def browser_with(app, cookie: str):
 
 def owners(app) -> dict[int, tuple]:
     with app.app_context():
-        rows = db.session.scalars(select(PredictionRecord))
+        rows = db.session.scalars(select(HistoryEntry))
         return {row.id: (row.owner_user_id, row.owner_session) for row in rows}
 
 
@@ -203,7 +203,7 @@ def test_api_keys_work_on_the_api_and_metrics_but_not_on_the_pages(app, runner):
     client = app.test_client()
     owned = predict_id(client, 1, headers=bearer(key))
     with app.app_context():
-        assert predictions.get(owned).owner_user_id == accounts.find_user("olga").id
+        assert prediction_history.get(owned).owner_user_id == accounts.find_user("olga").id
     # On a page the key authenticates no one, and a header that does not authenticate is refused.
     assert client.get("/history", headers=bearer(key)).status_code == 401
     assert client.post(f"/predictions/{owned}/delete", headers=bearer(key)).status_code == 401
@@ -287,7 +287,7 @@ def test_retention_days_zero_purges_nothing_and_all_needs_confirming(make_served
     app = make_served_app(RETENTION_DAYS=0)
     prediction_id = predict_id(app.test_client(), 1)
     with app.app_context():
-        predictions.get(prediction_id).created_at = datetime.now(UTC) - timedelta(days=400)
+        prediction_history.get(prediction_id).created_at = datetime.now(UTC) - timedelta(days=400)
         db.session.commit()
     runner = app.test_cli_runner()
     kept = runner.invoke(args=["purge-history"])

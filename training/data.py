@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model_spec import CIFAR10_CLASSES
 from predictor import ImageError, decode_image
+from registry.model_spec import CIFAR10_CLASSES
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

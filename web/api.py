@@ -12,15 +12,15 @@ from urllib.parse import urlsplit
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.sansio.utils import host_is_trusted
 
-import heatmap
 import model_store
+from inference import heatmap
 from serving import ClassifiedImage
 from web.auth import is_operator, require_api_caller
+from web.classify import classify_request
 from web.errors import WebError, json_error
 from web.extensions import csrf
 from web.limits import images_sent, predict_limit
 from web.privacy import no_store
-from web.uploads import classify_request
 
 API_PREFIX = "/api/v1"
 DEFAULT_PORTS = {"http": 80, "https": 443}

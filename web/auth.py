@@ -26,7 +26,7 @@ from flask import Blueprint, Flask, current_app, flash, g, redirect, render_temp
 from flask_login import current_user, login_user, logout_user
 
 import accounts
-import predictions
+import prediction_history
 from accounts import AccountLocked, Lockout, Viewer
 from web.credentials import metrics_token_sent
 from web.errors import STATUS_BY_CODE, WebError
@@ -183,7 +183,7 @@ def _host(bind: str) -> str:
 @login_limit
 def login():
     owner = _anonymous_owner()
-    anonymous_predictions = predictions.count_owned(Viewer(session_id=owner)) if owner else 0
+    anonymous_predictions = prediction_history.count_owned(Viewer(session_id=owner)) if owner else 0
     if request.method == "GET":
         return render_template("login.html", anonymous_predictions=anonymous_predictions)
     config = current_app.config
@@ -210,11 +210,11 @@ def _take_over_anonymous_predictions(owner: str, user: accounts.User, delete: bo
     """Predictions the visitor made before logging in move to the account, or are deleted if asked."""
     anonymous = Viewer(session_id=owner)
     if delete:
-        removed = predictions.forget(anonymous)
+        removed = prediction_history.forget(anonymous)
         if removed:
             flash(f"The {removed} predictions you made before logging in are deleted, as you asked.")
     else:
-        moved = predictions.adopt(anonymous, Viewer.of(user))
+        moved = prediction_history.adopt(anonymous, Viewer.of(user))
         if moved:
             flash(f"The {moved} predictions you made before logging in are now in your account's history.")
     g.clear_anonymous_owner = True

@@ -1,5 +1,6 @@
-"""Text a request carries, checked before any view runs: control characters (NUL above all) in
-query parameters or form fields are refused with 400.
+"""What a request carries: uploaded files are held in memory, never spooled to a temporary file,
+and text is checked before any view runs: control characters (NUL above all) in query parameters
+or form fields are refused with 400.
 
 PostgreSQL cannot store or compare a NUL in text, so `/history?class=%00` or a NUL in the log-in
 name failed there as a 500 (SQLite took them); no form field or filter of this app needs control
@@ -8,13 +9,22 @@ characters other than tab and line breaks.
 
 from __future__ import annotations
 
+import io
 import re
 
-from flask import Flask, request
+from flask import Flask, Request, request
 from werkzeug.exceptions import BadRequest
 
 # C0 controls but tab, line feed and carriage return; DEL; the C1 controls.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class InMemoryRequest(Request):
+    """Werkzeug spools multipart files over 500 KB to a temporary file; here every uploaded file
+    stays in memory. MAX_CONTENT_LENGTH bounds what one request can hold."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
 
 
 def refuse_control_characters() -> None:
@@ -28,4 +38,5 @@ def refuse_control_characters() -> None:
 
 
 def init_app(app: Flask) -> None:
+    app.request_class = InMemoryRequest
     app.before_request(refuse_control_characters)

@@ -15,16 +15,16 @@ from flask import Blueprint, Response, abort, current_app, flash, redirect, rend
 
 import model_store
 import plot_cache
-import predictions
+import prediction_history
 import reports
-from calibration import DECISIONS, ECE_BINS
 from database import db
+from inference.calibration import DECISIONS, ECE_BINS
 from web.auth import current_viewer, is_operator, require_page_login
+from web.classify import classify_request
 from web.errors import describe, html_error
 from web.extensions import model_serving
 from web.limits import explain_limit, predict_limit
 from web.privacy import no_store
-from web.uploads import classify_request
 
 bp = Blueprint("pages", __name__)
 bp.before_request(require_page_login)
@@ -85,7 +85,7 @@ def history():
         abort(404)
     viewer = current_viewer()
     page = db.paginate(
-        predictions.query(top_class, model_id, decision, viewer),
+        prediction_history.query(top_class, model_id, decision, viewer),
         page=page_number,
         per_page=HISTORY_PAGE_SIZE,
         error_out=False,
@@ -98,7 +98,7 @@ def history():
         decision=decision,
         decisions=DECISIONS,
         models=model_store.list_models(),
-        feedback=predictions.feedback_by_model(viewer),
+        feedback=prediction_history.feedback_by_model(viewer),
         class_names=_known_classes(),
     )
 
@@ -106,7 +106,7 @@ def history():
 @bp.get(f"/predictions/<int(max={MAX_ID}):prediction_id>/thumbnail.jpg")
 @no_store
 def prediction_thumbnail(prediction_id: int):
-    thumbnail = predictions.get(prediction_id, current_viewer()).thumbnail
+    thumbnail = prediction_history.get(prediction_id, current_viewer()).thumbnail
     if not thumbnail:
         abort(404)
     return Response(thumbnail, mimetype="image/jpeg")
@@ -118,7 +118,7 @@ def prediction_thumbnail(prediction_id: int):
 def prediction_explain(prediction_id: int):
     """Where the served model looks in a recorded image for the class chosen (the top class by
     default), drawn from the kept thumbnail."""
-    row = predictions.get(prediction_id, current_viewer())
+    row = prediction_history.get(prediction_id, current_viewer())
     if not row.thumbnail:
         abort(404, "This image was not kept (KEEP_IMAGES is off), so no map can be drawn for it.")
     loaded = model_serving.slot()
@@ -131,7 +131,7 @@ def prediction_explain(prediction_id: int):
 def prediction_feedback(prediction_id: int):
     verdict = request.form.get("verdict", "")
     correct_class = request.form.get("correct_class") or None
-    row = predictions.set_feedback(prediction_id, verdict, correct_class, current_viewer())
+    row = prediction_history.set_feedback(prediction_id, verdict, correct_class, current_viewer())
     note = {"right": "right", "none": "as none of the classes"}.get(row.feedback, f"wrong (it is {row.correct_class})")
     flash(f"Thank you: prediction #{row.id} of {row.filename} is marked {note}.")
     return redirect(url_for("pages.history", _anchor=f"p{row.id}"))
@@ -139,14 +139,14 @@ def prediction_feedback(prediction_id: int):
 
 @bp.post(f"/predictions/<int(max={MAX_ID}):prediction_id>/delete")
 def delete_prediction(prediction_id: int):
-    predictions.delete_prediction(prediction_id, current_viewer())
+    prediction_history.delete_prediction(prediction_id, current_viewer())
     flash(f"Prediction #{prediction_id} and its thumbnail are deleted.")
     return redirect(url_for("pages.history"))
 
 
 @bp.post("/history/forget")
 def forget_history():
-    removed = predictions.forget(current_viewer())
+    removed = prediction_history.forget(current_viewer())
     flash(f"Forgotten: {removed} of your predictions and their thumbnails are deleted.")
     return redirect(url_for("pages.history"))
 

@@ -15,9 +15,8 @@ for "safetensors". Model files themselves are converted by
 import sqlalchemy as sa
 from alembic import op
 
-import calibration
-import metrics_schema
-import ood
+from inference import calibration, ood
+from registry import metrics_schema
 
 # revision identifiers, used by Alembic.
 revision = "0007"

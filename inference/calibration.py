@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ood import OodStats, has_arrays, join_arrays, split_arrays
+from inference.ood import OodStats, has_arrays, join_arrays, split_arrays
 from predictor import softmax
 
 DECISIONS = ("confident", "unsure", "unknown")

@@ -6,12 +6,15 @@ marked images export as an image-folder data set that `train.py --data` reads.
 
 Each prediction has an owner (an account, or an anonymous browser session) and each piece of
 feedback an author; a `Viewer` sees only their own predictions unless an operator. Predictions
-older than the retention period are purged.
+older than the retention period are purged, by `flask purge-history` or, at most once an interval
+per process, by `HistoryPurge` (which web/privacy.py runs before requests).
 """
 
 from __future__ import annotations
 
 import csv
+import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,7 +64,7 @@ class FeedbackLocked(HistoryError):
     code = "feedback_locked"
 
 
-class PredictionRecord(db.Model):
+class HistoryEntry(db.Model):
     """One image's prediction, and the feedback given on it."""
 
     __tablename__ = "predictions"
@@ -78,7 +81,7 @@ class PredictionRecord(db.Model):
     # even after that model is deleted. NULL only on rows older than this column whose model is gone.
     class_names: Mapped[list | None] = mapped_column(JSON)
     confidence: Mapped[float] = mapped_column(Float, nullable=False)
-    # confident | unsure | unknown (calibration.py); NULL for predictions made before it existed.
+    # confident | unsure | unknown (inference/calibration.py); NULL for predictions made before it existed.
     decision: Mapped[str | None] = mapped_column(String(10), index=True)
     ood_score: Mapped[float | None] = mapped_column(Float)
     image_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -109,7 +112,7 @@ def record(
     owner = owner or Viewer()
     now = datetime.now(UTC)
     rows = [
-        PredictionRecord(
+        HistoryEntry(
             created_at=now,
             model_id=model.id,
             model_name=model.name,
@@ -151,29 +154,29 @@ def _visible_to(statement, viewer: Viewer | None):
 
 def _owned_by(viewer: Viewer) -> tuple:
     if viewer.user_id is not None:
-        return (PredictionRecord.owner_user_id == viewer.user_id,)
+        return (HistoryEntry.owner_user_id == viewer.user_id,)
     if viewer.session_id is None:
         return (false(),)  # a request without a session (a script) owns nothing
-    return (PredictionRecord.owner_user_id.is_(None), PredictionRecord.owner_session == viewer.session_id)
+    return (HistoryEntry.owner_user_id.is_(None), HistoryEntry.owner_session == viewer.session_id)
 
 
 def query(
     top_class: str | None = None, model_id: int | None = None, decision: str | None = None, viewer: Viewer | None = None
 ):
     """Predictions the viewer may see, newest first, filtered by predicted class, model version and decision."""
-    statement = _visible_to(select(PredictionRecord).order_by(PredictionRecord.id.desc()), viewer)
+    statement = _visible_to(select(HistoryEntry).order_by(HistoryEntry.id.desc()), viewer)
     if decision:
-        statement = statement.where(PredictionRecord.decision == decision)
+        statement = statement.where(HistoryEntry.decision == decision)
     if top_class:
-        statement = statement.where(PredictionRecord.top_class == top_class)
+        statement = statement.where(HistoryEntry.top_class == top_class)
     if model_id:
-        statement = statement.where(PredictionRecord.model_id == model_id)
+        statement = statement.where(HistoryEntry.model_id == model_id)
     return statement
 
 
-def get(prediction_id: int, viewer: Viewer | None = None) -> PredictionRecord:
+def get(prediction_id: int, viewer: Viewer | None = None) -> HistoryEntry:
     """A prediction the viewer may see; someone else's is "not found", like one that never was."""
-    statement = _visible_to(select(PredictionRecord).where(PredictionRecord.id == prediction_id), viewer)
+    statement = _visible_to(select(HistoryEntry).where(HistoryEntry.id == prediction_id), viewer)
     row = db.session.scalar(statement)
     if row is None:
         raise PredictionNotFound(f"no prediction with id {prediction_id}")
@@ -182,7 +185,7 @@ def get(prediction_id: int, viewer: Viewer | None = None) -> PredictionRecord:
 
 def set_feedback(
     prediction_id: int, verdict: str, correct_class: str | None, viewer: Viewer | None = None
-) -> PredictionRecord:
+) -> HistoryEntry:
     """Mark a prediction right, or wrong with the class it should have been, as `viewer`.
 
     Feedback another account gave stays unless an operator changes it."""
@@ -218,20 +221,20 @@ def delete_prediction(prediction_id: int, viewer: Viewer) -> None:
 
 def forget(viewer: Viewer) -> int:
     """Delete every prediction the viewer owns (an operator's own too, not everyone's); how many."""
-    result = db.session.execute(delete(PredictionRecord).where(*_owned_by(viewer)))
+    result = db.session.execute(delete(HistoryEntry).where(*_owned_by(viewer)))
     db.session.commit()
     return result.rowcount
 
 
 def count_owned(viewer: Viewer) -> int:
     """How many predictions the viewer owns (an operator's own, not everyone's)."""
-    return db.session.scalar(select(func.count()).select_from(PredictionRecord).where(*_owned_by(viewer)))
+    return db.session.scalar(select(func.count()).select_from(HistoryEntry).where(*_owned_by(viewer)))
 
 
 def adopt(anonymous: Viewer, account: Viewer) -> int:
     """Give an anonymous visitor's predictions to the account it logged in as; how many."""
     statement = (
-        update(PredictionRecord).where(*_owned_by(anonymous)).values(owner_user_id=account.user_id, owner_session=None)
+        update(HistoryEntry).where(*_owned_by(anonymous)).values(owner_user_id=account.user_id, owner_session=None)
     )
     result = db.session.execute(statement)
     db.session.commit()
@@ -244,14 +247,45 @@ def purge(retention_days: float, now: datetime | None = None) -> int:
     if retention_days <= 0:
         return 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
-    result = db.session.execute(delete(PredictionRecord).where(PredictionRecord.created_at < cutoff))
+    result = db.session.execute(delete(HistoryEntry).where(HistoryEntry.created_at < cutoff))
     db.session.commit()
     return result.rowcount
 
 
+# Purging from requests: often enough that nothing outlives its period by much, rarely enough
+# that a request almost never pays for it.
+PURGE_INTERVAL_S = 3600
+
+
+class HistoryPurge:
+    """Deletes predictions older than the retention period at most once per interval per process,
+    and never from two threads of one process at once."""
+
+    def __init__(self, interval_s: float = PURGE_INTERVAL_S):
+        self.interval_s = interval_s
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def maybe_run(self, retention_days: float) -> int | None:
+        """Purge if due: how many were deleted, or None when not due, already running, or the
+        period is 0 (kept until deleted). A database error propagates; the interval still counts."""
+        if not retention_days:
+            return None
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval_s:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread of this process is purging now
+        try:
+            self._last = now
+            return purge(float(retention_days))
+        finally:
+            self._lock.release()
+
+
 def purge_all() -> int:
     """Delete every prediction of everyone; how many."""
-    result = db.session.execute(delete(PredictionRecord))
+    result = db.session.execute(delete(HistoryEntry))
     db.session.commit()
     return result.rowcount
 
@@ -273,13 +307,13 @@ class ModelFeedback:
 def feedback_by_model(viewer: Viewer | None = None) -> list[ModelFeedback]:
     """Per model version, over the predictions the viewer sees: made, marked, marked right, and
     marked "none of these classes"."""
-    marked = func.count(PredictionRecord.feedback)
-    right = func.sum(case((PredictionRecord.feedback == "right", 1), else_=0))
-    none = func.sum(case((PredictionRecord.feedback == "none", 1), else_=0))
+    marked = func.count(HistoryEntry.feedback)
+    right = func.sum(case((HistoryEntry.feedback == "right", 1), else_=0))
+    none = func.sum(case((HistoryEntry.feedback == "none", 1), else_=0))
     statement = (
-        select(PredictionRecord.model_name, PredictionRecord.model_version, func.count(), marked, right, none)
-        .group_by(PredictionRecord.model_name, PredictionRecord.model_version)
-        .order_by(PredictionRecord.model_name, PredictionRecord.model_version.desc())
+        select(HistoryEntry.model_name, HistoryEntry.model_version, func.count(), marked, right, none)
+        .group_by(HistoryEntry.model_name, HistoryEntry.model_version)
+        .order_by(HistoryEntry.model_name, HistoryEntry.model_version.desc())
     )
     statement = _visible_to(statement, viewer)
     return [
@@ -292,7 +326,7 @@ def export_feedback(directory: Path) -> dict[str, int]:
     """Write every marked prediction's thumbnail to `directory/<class>/<id>.jpg`, and who marked
     each and when to `directory/feedback.csv`; counts per class."""
     counts: dict[str, int] = {}
-    statement = select(PredictionRecord).where(PredictionRecord.feedback.is_not(None)).order_by(PredictionRecord.id)
+    statement = select(HistoryEntry).where(HistoryEntry.feedback.is_not(None)).order_by(HistoryEntry.id)
     authors = []
     for row in db.session.scalars(statement):
         label = row.labelled_class

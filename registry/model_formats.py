@@ -8,8 +8,8 @@ import io
 from pathlib import Path
 
 from app_errors import AppError
-from legacy_model_files import is_npz_model_file, load_npz_model
-from model_files import is_model_file, load_model_file
+from registry.legacy_model_files import is_npz_model_file, load_npz_model
+from registry.model_files import is_model_file, load_model_file
 
 FORMAT_MAGIC = {"h5": b"\x89HDF\r\n\x1a\n", "keras": b"PK\x03\x04"}
 STORED_FORMAT = "safetensors"  # model_files.py: what the registry stores whatever was imported

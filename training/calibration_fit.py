@@ -1,6 +1,6 @@
 """Calibrating a model end to end: run it over training, held-out and test images and fit the
-calibration record that the registry stores (calibration.py for probabilities and thresholds,
-ood.py for the out-of-distribution score).
+calibration record that the registry stores (inference/calibration.py for probabilities and thresholds,
+inference/ood.py for the out-of-distribution score).
 
 `train.py` calls `calibrate_model` at the end of a run with its own splits; `flask calibrate`
 calls `calibrate_folder` for a model imported without a calibration.
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-import calibration
-import ood
+from inference import calibration, ood
 from predictor import ModelSpec, Predictor
 
 # Class means and one covariance of a few hundred channels are stable from this many images;

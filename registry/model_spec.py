@@ -1,6 +1,6 @@
 """What a model needs beside its weights to be served, and the defaults for a model that does not say.
 
-Flask-free and Keras-free: the registry, train.py, calibrate.py and the benchmarks all read a
+Flask-free and Keras-free: the registry, train.py, training/calibration_fit.py and the benchmarks all read a
 model's settings through `ModelSpec.from_metrics`, so the defaults are written once, here.
 """
 

@@ -1,5 +1,5 @@
-"""What the page and the API share: reading the images of a request and classifying them with
-the served model, recorded in the prediction history when that is on."""
+"""The app's core use case, shared by the page and the API: read the images of a request,
+classify them with the served model, and record them in the prediction history when that is on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from flask import current_app, request
 
-import predictions
+import prediction_history
 from serving import Classification, LoadedModel, Upload, clean_filename
 from web.auth import current_viewer
 from web.errors import WebError
@@ -50,6 +50,6 @@ def classify_request(source: str, thumbnails: bool, explain_side: int = 0) -> tu
     result = model_serving.classify(uploads, loaded, side, explain_side)
     if config["RECORD_HISTORY"]:
         owner = current_viewer(create_session=True)
-        recorded = predictions.record(result.images, loaded, source, keep_images, owner)
+        recorded = prediction_history.record(result.images, loaded, source, keep_images, owner)
         result = replace(result, images=recorded)
     return loaded, result

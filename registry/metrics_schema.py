@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import calibration
+from inference import calibration
 
 CALIBRATION_FILE = "calibration.safetensors"
 
@@ -55,7 +55,7 @@ KEYS = {
     "command": "the command that trained the model",
     "history": "per-epoch loss and accuracy, training and held-out",
     "report_files": "the report folder's files",
-    "calibration": "calibration record without its OOD arrays (calibration.py, ood.py)",
+    "calibration": "calibration record without its OOD arrays (inference/calibration.py, inference/ood.py)",
     "ood_evaluation": "per-group OOD table (benchmarks/calibration_ood.py --write-metrics)",
     "explain_layer": "layer the saliency maps are drawn from (optional)",
 }

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explain import WEIGHTINGS, NoExplanation
+from inference.explain import WEIGHTINGS, NoExplanation
 
 # fp32 reproduces Keras to float rounding; dynamic-range int8 (weights stored as int8, activations
 # quantised on the fly) is smaller and faster but changes outputs: a caller choosing it states the
@@ -75,7 +75,7 @@ def head_of(model, explain_layer: str | None = None) -> dict:
     """The explained layer and the pooling + dense head that reads it, as metadata:
     {"layer", "pooling", "grid", "kernel" (channels x classes), "bias" (classes)}, with any constant
     rescaling after the dense layer folded into kernel and bias. NoExplanation for any other head."""
-    from explain import find_layer
+    from inference.explain import find_layer
 
     pools, dense_class, rescaling_class, identities = _layer_kinds()
     pool_at = [i for i, layer in enumerate(model.layers) if type(layer) in pools]
@@ -121,7 +121,7 @@ def _served_model(model, feature_layers: Sequence[str], explain_layer: str | Non
     """A Keras model answering [output, *pooled features, feature map] in one pass."""
     import keras
 
-    from ood import with_pooled_features
+    from inference.ood import with_pooled_features
 
     served = with_pooled_features(model, tuple(feature_layers))
     if explain_layer is None:
