@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import bearer, classify, image_bytes, login, make_key, make_user, serve_registry
+from helpers import bearer, classify, gunicorn_user_env, image_bytes, login, make_key, make_user, serve_registry
 from sqlalchemy import func, select
 
 import model_store
@@ -148,6 +148,7 @@ def test_one_limit_holds_across_two_servers_through_redis(app, redis_url, tmp_pa
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"prometheus-{index}"),
             "FLASK_RATELIMIT_STORAGE_URI": redis_url,
             "FLASK_PREDICT_RATE_LIMIT": "3 per minute",
+            **gunicorn_user_env(),
         }
         servers.append(
             subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env)
