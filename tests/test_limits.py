@@ -75,9 +75,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for(url: str, seconds: float = 120) -> None:
+def _wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    """Return once `url` answers; fail at once if the server exits (not after `seconds`)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
@@ -85,7 +86,7 @@ def _wait_for(url: str, seconds: float = 120) -> None:
             return
         except OSError:
             time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer")
+    raise AssertionError(f"{url} did not answer (server exit status {server.poll()})")
 
 
 def _predict(url: str, key: str) -> int:
@@ -155,8 +156,8 @@ def test_one_limit_holds_across_two_servers_through_redis(app, redis_url, tmp_pa
         )
         urls.append(f"http://127.0.0.1:{port}")
     try:
-        for url in urls:
-            _wait_for(url + "/healthz")
+        for url, server in zip(urls, servers, strict=True):
+            _wait_for(url + "/healthz", server)
         assert [_predict(urls[0], key), _predict(urls[1], key), _predict(urls[0], key)] == [200, 200, 200]
         assert _predict(urls[1], key) == 429
         assert _predict(urls[0], key) == 429
