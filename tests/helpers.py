@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -126,3 +128,16 @@ def login(client, name, password="correct horse", **kwargs):
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
+
+
+def nobody_can_run_python() -> bool:
+    """Whether a process that drops from root to nobody, as gunicorn's workers do, can still import
+    Python's standard library (not where Python lives under /root, as pyenv installs it)."""
+    drop = "import os; os.setgid(65534); os.setuid(65534); import secrets"
+    return subprocess.run([sys.executable, "-c", drop], capture_output=True).returncode == 0
+
+
+def gunicorn_user_env() -> dict[str, str]:
+    """Environment for a test's gunicorn: as root where nobody cannot run this Python (the
+    operator's explicit choice, WEB_USER=root), else nothing: its workers would die importing."""
+    return {"WEB_USER": "root"} if os.geteuid() == 0 and not nobody_can_run_python() else {}

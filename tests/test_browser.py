@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FORCED, force_calibration, image_bytes, make_user, random_image_bytes
+from helpers import FORCED, force_calibration, gunicorn_user_env, image_bytes, make_user, random_image_bytes
 
 import model_store
 from devtools.devserver import CHROMIUM, CHROMIUM_FLAGS
@@ -41,6 +41,7 @@ def live_server(app, tmp_path):
         "DATABASE_URL": app.config["SQLALCHEMY_DATABASE_URI"],
         "PORT": str(port),
         "WEB_WORKERS": "1",
+        **gunicorn_user_env(),
     }
     log = tmp_path / "gunicorn.log"
     with log.open("wb") as output:

@@ -10,15 +10,13 @@ import pwd
 import runpy
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import POSTGRES_URL, image_bytes
+from helpers import POSTGRES_URL, image_bytes, nobody_can_run_python
 
 import model_store
 from deploy import frontdoor
@@ -146,13 +144,6 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path, monkeyp
         run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, shared / "instance")
     finally:
         shutil.rmtree(shared)
-
-
-def nobody_can_run_python() -> bool:
-    """Whether a process that drops from root to nobody, as gunicorn's workers do, can still import
-    Python's standard library (not where Python lives under /root, as pyenv installs it)."""
-    drop = "import os; os.setgid(65534); os.setuid(65534); import secrets"
-    return subprocess.run([sys.executable, "-c", drop], capture_output=True).returncode == 0
 
 
 def run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, instance: Path) -> None:

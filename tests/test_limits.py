@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import bearer, classify, image_bytes, login, make_key, make_user
+from helpers import bearer, classify, gunicorn_user_env, image_bytes, login, make_key, make_user
 from sqlalchemy import func, select
 
 from database import db
@@ -69,9 +69,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for(url: str, seconds: float = 120) -> None:
+def _wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    """Return once `url` answers; fail at once if the server exits (not after `seconds`)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
@@ -79,7 +80,7 @@ def _wait_for(url: str, seconds: float = 120) -> None:
             return
         except OSError:
             time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer")
+    raise AssertionError(f"{url} did not answer (server exit status {server.poll()})")
 
 
 def _predict(url: str, key: str) -> int:
@@ -142,14 +143,15 @@ def test_one_limit_holds_across_two_servers_through_redis(app, redis_url, tmp_pa
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"prometheus-{index}"),
             "FLASK_RATELIMIT_STORAGE_URI": redis_url,
             "FLASK_PREDICT_RATE_LIMIT": "3 per minute",
+            **gunicorn_user_env(),
         }
         servers.append(
             subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env)
         )
         urls.append(f"http://127.0.0.1:{port}")
     try:
-        for url in urls:
-            _wait_for(url + "/healthz")
+        for url, server in zip(urls, servers, strict=True):
+            _wait_for(url + "/healthz", server)
         assert [_predict(urls[0], key), _predict(urls[1], key), _predict(urls[0], key)] == [200, 200, 200]
         assert _predict(urls[1], key) == 429
         assert _predict(urls[0], key) == 429

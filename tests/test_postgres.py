@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import POSTGRES_URL, image_bytes
+from helpers import POSTGRES_URL, gunicorn_user_env, image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
@@ -56,7 +56,7 @@ def wait_for(predicate, timeout: float = 60.0):
 
 
 def test_two_instances_share_one_registry(app, tmp_path, other_model_file):
-    env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "FLASK_MODEL_POLL_SECONDS": "0.5"}
+    env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "FLASK_MODEL_POLL_SECONDS": "0.5", **gunicorn_user_env()}
     servers, ports = [], []
     try:
         for name in ("one", "two"):

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny synthetic image-folder data set, and its command line."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -15,16 +16,32 @@ import train
 from database import open_database
 from predictor import ModelSpec
 from training.data import stratified_split
-from training.evaluation import evaluate_predictor
+from training.evaluation import evaluate_predictor, measure_inference
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 ROOT = Path(__file__).resolve().parent.parent
+# Timing inference 50 times per TTA mode was most of a test run's time; two repeats still give
+# positive figures. The subprocess run patches train.py the same way before its main().
+INFERENCE_REPEATS = 2
+PATCHED_MAIN = (
+    "import functools, sys, train, training.evaluation as e; "
+    f"train.measure_inference = functools.partial(e.measure_inference, repeats={INFERENCE_REPEATS}); "
+    "sys.exit(train.main())"
+)
 
 
 def quick_args(folder: Path, out: Path, *extra: str) -> list[str]:
     """train.py arguments for one short epoch on the tiny data set (a quarter held out)."""
     sizes = ["--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25"]
     return ["--data", str(folder), *sizes, "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_inference_timing():
+    """train.py's inference timing with few repeats, for every run in this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "measure_inference", functools.partial(measure_inference, repeats=INFERENCE_REPEATS))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +62,10 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strong_run(tiny_folder, tmp_path_factory) -> Path:
-    """One short run of the default (strong) recipe, XLA-compiled as the shipped model was."""
+    """One short run of the default (strong) recipe, XLA-compiled as the shipped model was, on a
+    narrow network (the recipe, not the width, is what these tests check)."""
     out = tmp_path_factory.mktemp("strong")
-    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3", "--jit-compile")) == 0
+    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3", "--jit-compile", "--widths", "8,16,16")) == 0
     return out
 
 
@@ -161,7 +179,8 @@ def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monke
 @pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus(tiny_folder, tmp_path):
     out = tmp_path / "mirrored"
-    command = [sys.executable, "train.py", *quick_args(tiny_folder, out, "--arch", "seed", "--distribute", "mirrored")]
+    arguments = quick_args(tiny_folder, out, "--arch", "seed", "--distribute", "mirrored")
+    command = [sys.executable, "-c", PATCHED_MAIN, *arguments]
     command += ["--logical-cpus", "2", "--verbose", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
