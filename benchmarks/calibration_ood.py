@@ -35,8 +35,6 @@ import argparse
 import io
 import json
 import os
-import platform
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -46,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from devtools.machine import cpu_model
 from training.data import DEFAULT_ARCHIVE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,14 +192,6 @@ def serve(client, uploads_bytes: list[bytes], batch: int = 64) -> list[dict]:
     return predictions
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default" / "model.h5")
@@ -300,7 +291,7 @@ def main() -> int:
 
 def report(args, record: dict, served: dict, rows: list[dict], test_images: int, total_s: float, cal_s: float) -> None:
     before, after = record["before"], record["after"]
-    print(f"model {args.model} · {test_images} CIFAR-10 test images · {cpu_name()}, {os.cpu_count()} cores")
+    print(f"model {args.model} · {test_images} CIFAR-10 test images · {cpu_model()}, {os.cpu_count()} cores")
     print(f"calibration: {record.get('source')}; {total_s:.0f} s in all ({cal_s:.0f} s to calibrate)\n")
     print("| measure (CIFAR-10 test) | before | after |\n| --- | --- | --- |")
     print(f"| ECE, 15 bins | {before['ece']:.4f} | {after['ece']:.4f} (served: {served['ece_after']:.4f}) |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from devtools.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,10 +50,9 @@ DEFAULT_MODEL = ROOT / "models" / "default" / "model.h5"
 def cpu_name() -> str:
     """The CPU's model name and the vector extensions the engines can use, from /proc/cpuinfo."""
     lines = Path("/proc/cpuinfo").read_text().splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     extensions = [flag for flag in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{name or platform.processor() or 'unknown CPU'} ({', '.join(extensions) or 'no AVX'})"
+    return f"{cpu_model()} ({', '.join(extensions) or 'no AVX'})"
 
 
 def memory_mb() -> dict:

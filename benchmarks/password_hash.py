@@ -19,14 +19,9 @@ from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from devtools.machine import cpu_model
+
 METHODS = ("scrypt:32768:8:1", "scrypt:65536:8:1", "scrypt:131072:8:1")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def time_check(method: str, repeats: int) -> list[float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -23,19 +22,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from devtools.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "suite_time.json"
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (the platform's name elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def children_cpu_seconds() -> float:
