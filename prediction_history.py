@@ -27,6 +27,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    UniqueConstraint,
     case,
     delete,
     false,
@@ -102,6 +103,34 @@ class HistoryEntry(db.Model):
         if self.feedback == "wrong":
             return self.correct_class
         return None
+
+
+class ModelOutput(db.Model):
+    """What one model answered for a recorded prediction, beside the answer the person saw.
+
+    A shadow challenger's answers, and the champion's answers to a canary's requests, land here
+    keyed by prediction and model; they never change the history entry itself."""
+
+    __tablename__ = "model_outputs"
+    __table_args__ = (UniqueConstraint("prediction_id", "model_id", name="uq_model_outputs_prediction_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"), index=True)
+    model_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    model_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    # The slot the model held when it answered: "champion" or "challenger".
+    role: Mapped[str] = mapped_column(String(10), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    top_class: Mapped[str] = mapped_column(String(100), nullable=False)
+    confidence: Mapped[float] = mapped_column(Float, nullable=False)
+    decision: Mapped[str | None] = mapped_column(String(10))
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    # Calibrated probabilities in the model's class order.
+    probabilities: Mapped[list] = mapped_column(JSON, nullable=False)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
 
 
 def record(
