@@ -119,3 +119,15 @@ def test_0007_moves_calibration_arrays_to_a_blob_and_maps_old_metric_keys(bare_a
         downgrade(revision="0005")
         back = db.session.execute(sa.select(calibrations.c.record)).scalar_one()
         assert calibration.join_record(back, None)["ood"]["means"][0] == np.float32(ood["means"][0]).tolist()
+
+
+def test_the_migrations_build_the_schema_the_models_declare(app):
+    """Every table, column, index and foreign key the ORM declares is what `init-db` built: a
+    model changed without its migration (or the reverse) fails here, on SQLite and PostgreSQL."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with app.app_context(), db.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": False})
+        differences = compare_metadata(context, db.metadata)
+    assert differences == []
