@@ -87,6 +87,14 @@ def test_every_lane_takes_its_share_and_its_best_candidates():
     assert max(by_id[i].margin for i in lanes["margin"]) <= min(c.margin for c in others)
     # Random is not the lowest margins nor the highest OOD scores: a spread over the pool.
     assert len({by_id[i].top_class for i in lanes["random"]}) > 2
+    # People see the lanes mixed: the first half of the round holds half of each lane.
+    assert {lane: len(ids) for lane, ids in lanes_of(items[:20]).items()} == {
+        "random": 3,
+        "conflict": 2,
+        "shadow": 4,
+        "ood": 3,
+        "margin": 8,
+    }
 
 
 def test_without_shadow_answers_the_shadow_share_goes_to_margin():
@@ -111,9 +119,18 @@ def test_no_two_items_have_penultimate_features_more_alike_than_the_limit():
         return np.stack([base + rng.normal(0, 0.02, 512) if i < 30 else np.eye(512)[i] for i in ids])
 
     candidates = [candidate(i, i % 10, 0.01 + i / 1000) for i in range(100)]
-    items = build_round(candidates, 20, features, np.random.default_rng(0))
-    assert len(items) == 20
-    assert sum(item.prediction_id < 30 for item in items) == 1
+    for seed in range(5):
+        items = build_round(candidates, 20, features, np.random.default_rng(seed))
+        near = [item for item in items if item.prediction_id < 30]
+        sampled = [item for item in near if item.lane == "random"]
+        # One of the near-copies at most, or the random lane's own draws (a uniform sample).
+        assert len(items) == 20 and (len(near) == 1 or len(sampled) == len(near)), near
+
+
+def test_the_random_lane_stays_a_uniform_sample_however_alike_the_images():
+    identical = lambda ids: np.ones((len(ids), 8))  # noqa: E731
+    items = build_round(pool(), 20, identical, np.random.default_rng(0))
+    assert lanes_of(items) == {"random": [item.prediction_id for item in items]} and len(items) == 3
 
 
 def test_no_predicted_class_holds_more_than_a_quarter_of_a_round():
@@ -143,6 +160,9 @@ def test_a_wrong_label_the_model_finds_unlikely_is_flagged():
     assert thresholds["c1"] == pytest.approx((0.8 * 4 + 0.05) / 5)
     assert "under the" in doubt(labels[-1], thresholds)
     assert doubt(label(10, "wrong", "c1", 0.7), thresholds) is None
+    # Under the threshold but the model's runner-up: a plausible correction, not flagged.
+    runner_up = Label(11, "wrong", "c1", "c9", "unsure", dict.fromkeys(CLASSES, 0.01) | {"c9": 0.6, "c1": 0.32}, (1,))
+    assert doubt(runner_up, thresholds) is None
     assert review(labels[-1], thresholds, [])[0] == HELD
 
 
