@@ -316,17 +316,20 @@ class LaneSummary:
     items: int
     labelled: int
     right: int
+    none: int
 
 
 def summary(label_round: LabelRound) -> list[LaneSummary]:
-    """Per lane of a round: items, labelled, and labelled right (the random lane's right/labelled
-    is an unbiased estimate of the served accuracy)."""
+    """Per lane of a round: items, labelled, labelled right (the random lane's right/labelled is
+    an unbiased estimate of the served accuracy) and "none of these" (the out-of-scope lane's
+    are evidence for the OOD threshold, not training data: the export leaves them out)."""
     statement = (
         select(
             LabelItem.lane,
             func.count(),
             func.count(LabelItem.labelled_at),
             func.count(HistoryEntry.feedback).filter(HistoryEntry.feedback == "right"),
+            func.count(HistoryEntry.feedback).filter(HistoryEntry.feedback == "none"),
         )
         .join(HistoryEntry, HistoryEntry.id == LabelItem.prediction_id)
         .where(LabelItem.round_id == label_round.id)

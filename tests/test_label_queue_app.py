@@ -148,3 +148,19 @@ def test_a_second_person_who_agrees_confirms_held_feedback(app, client):
         row = db.session.get(HistoryEntry, prediction_id)
         assert (row.feedback, row.correct_class, row.feedback_author) == ("wrong", other, "ann")
         assert store.reviews()[prediction_id].reason == "a second person agreed"
+
+
+def test_the_summary_counts_each_lanes_labels_right_and_none(app, client, runner):
+    ids = predict(client, *range(8))
+    with app.app_context():
+        label_round = store.build(8, unlike, None, 0)
+        pairs = store.round_items(label_round)
+        (first, row), (second, _row) = pairs[0], pairs[1]
+        store.answer(first.id, row.top_class, OPERATOR)
+        store.answer(second.id, "none", OPERATOR)
+        lanes = {lane.lane: lane for lane in store.summary(label_round)}
+        assert sum(lane.items for lane in lanes.values()) == len(pairs) <= len(ids)
+        assert (lanes[first.lane].labelled, lanes[first.lane].right) >= (1, 1)
+        assert sum(lane.none for lane in lanes.values()) == 1 and lanes[second.lane].none == 1
+    text = runner.invoke(args=["label-queue", "list"]).output
+    assert "labelled by op" in text
