@@ -280,7 +280,9 @@ def _vote(prediction_id: int, stance: str, verdict: str, label: str | None, view
 def held(viewer: Viewer | None = None) -> list[tuple[HistoryEntry, Review]]:
     """Held feedback on predictions the viewer may see, oldest first, with why it is held."""
     waiting = {pid: review for pid, review in reviews().items() if review.status == HELD}
-    visible = prediction_history.query(viewer=viewer).where(HistoryEntry.id.in_(waiting)).order_by(HistoryEntry.id)
+    visible = (
+        prediction_history.query(viewer=viewer).where(HistoryEntry.id.in_(list(waiting))).order_by(HistoryEntry.id)
+    )
     return [(row, waiting[row.id]) for row in db.session.scalars(visible)] if waiting else []
 
 
