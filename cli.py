@@ -10,10 +10,11 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
 import model_store
-import prediction_history
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
+from cli_label_queue import COMMANDS as LABEL_QUEUE_COMMANDS
 from database import db
 from inference import heatmap
+from labelling import store as label_store
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
@@ -225,10 +226,14 @@ def _ood_text(score: float | None) -> str:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @with_appcontext
 def export_feedback_command(directory: Path) -> None:
-    """Write marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for train.py --data)."""
-    counts = prediction_history.export_feedback(directory)
+    """Write confirmed marked predictions as an image-folder data set DIR/<class>/<id>.jpg (for
+    train.py --data); feedback the check holds, or an operator rejected, is held back."""
+    counts, held_back = label_store.export_confirmed(directory)
+    if held_back:
+        parts = ", ".join(f"{count} {state}" for state, count in sorted(held_back.items()))
+        click.echo(f"held back {sum(held_back.values())} marked predictions ({parts}): see the label queue page")
     if not counts:
-        click.echo("no marked predictions with kept images; nothing written")
+        click.echo("no confirmed marked predictions with kept images; nothing written")
         return
     total = sum(counts.values())
     summary = ", ".join(f"{label} {count}" for label, count in sorted(counts.items()))
@@ -292,5 +297,6 @@ def register_commands(app: Flask) -> None:
         calibrate_command,
         export_feedback_command,
         *ACCOUNT_COMMANDS,
+        *LABEL_QUEUE_COMMANDS,
     ):
         app.cli.add_command(command)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import threading
 import time
+from collections.abc import Set
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,6 +86,9 @@ class HistoryEntry(db.Model):
     # confident | unsure | unknown (inference/calibration.py); NULL for predictions made before it existed.
     decision: Mapped[str | None] = mapped_column(String(10), index=True)
     ood_score: Mapped[float | None] = mapped_column(Float)
+    # Calibrated probabilities in `class_names` order, for the label queue's margin and the
+    # feedback check (migration 0012); NULL on older rows.
+    probabilities: Mapped[list | None] = deferred(mapped_column(JSON))
     image_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     thumbnail: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     feedback: Mapped[str | None] = mapped_column(String(10))
@@ -153,6 +157,7 @@ def record(
             confidence=image.prediction.top_probability,
             decision=image.prediction.decision,
             ood_score=image.prediction.ood_score,
+            probabilities=[image.prediction.probabilities[name] for name in model.class_names],
             image_sha256=image.image_sha256,
             thumbnail=image.thumbnail if keep_images else None,
             owner_user_id=owner.user_id,
@@ -351,15 +356,16 @@ def feedback_by_model(viewer: Viewer | None = None) -> list[ModelFeedback]:
     ]
 
 
-def export_feedback(directory: Path) -> dict[str, int]:
-    """Write every marked prediction's thumbnail to `directory/<class>/<id>.jpg`, and who marked
-    each and when to `directory/feedback.csv`; counts per class."""
+def export_feedback(directory: Path, held_back: Set[int] = frozenset()) -> dict[str, int]:
+    """Write every marked prediction's thumbnail, but those in `held_back`, to
+    `directory/<class>/<id>.jpg`, and who marked each and when to `directory/feedback.csv`;
+    counts per class."""
     counts: dict[str, int] = {}
     statement = select(HistoryEntry).where(HistoryEntry.feedback.is_not(None)).order_by(HistoryEntry.id)
     authors = []
     for row in db.session.scalars(statement):
         label = row.labelled_class
-        if not row.thumbnail or not label:
+        if not row.thumbnail or not label or row.id in held_back:
             continue
         folder = directory / _safe_folder_name(label)
         folder.mkdir(parents=True, exist_ok=True)

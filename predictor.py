@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -321,6 +322,20 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N x classes) for a uint8 batch N x H x W x C."""
         return self.score_arrays(images).probabilities
+
+    @cached_property
+    def _penultimate(self):
+        import keras
+
+        return keras.Model(self.model.inputs[0], self.model.layers[-1].input)
+
+    def penultimate_features(self, images: np.ndarray) -> np.ndarray:
+        """What the last layer reads (N x features, flattened), averaged over the test-time views:
+        two images the model sees alike have close features. Built on first use (a command's call,
+        not a request's)."""
+        batch, weights = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
+        features = np.asarray(self._penultimate(batch, training=False), dtype=np.float64)
+        return average_views(features.reshape(len(features), -1), weights)
 
 
 def to_predictions(class_names: tuple[str, ...], scores: Scores, calibration=None) -> list[Prediction]:

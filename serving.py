@@ -110,6 +110,11 @@ class LoadedModel:
         """Ranked predictions for decoded uploads, in one model call, from their input at this model's size."""
         return self.predict(self.batch(decoded))
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Penultimate features (N x features) for a uint8 batch: the label queue keeps a round's
+        images unlike one another by them."""
+        return self.predictor.penultimate_features(images)
+
     def batch(self, decoded: Sequence[DecodedUpload]) -> np.ndarray:
         """The decoded uploads' inputs at this model's size, as one uint8 batch."""
         return np.stack([item.pixels(self.input_size) for item in decoded])

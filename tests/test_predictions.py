@@ -7,7 +7,9 @@ import numpy as np
 from helpers import classify, image_bytes, random_image_bytes
 
 import prediction_history
+from accounts import Viewer
 from database import db
+from labelling import store as label_store
 from training.data import read_image_folder
 
 
@@ -107,6 +109,8 @@ def test_export_feedback_writes_a_data_set_train_reads(app, client, runner, tmp_
         prediction_history.set_feedback(ids[0], "right", None)
         wrong_class = next(c for c in ("truck", "ship") if c != tops[1])
         prediction_history.set_feedback(ids[1], "wrong", wrong_class)
+        # It contradicts a "confident" answer (the seed-like model is uncalibrated): held until confirmed.
+        label_store.decide(ids[1], "confirm", Viewer(operator=True, name="op"))
     result = runner.invoke(args=["export-feedback", str(tmp_path / "fixes")])
     assert result.exit_code == 0 and "wrote 2 images" in result.output, result.output
     assert (tmp_path / "fixes" / tops[0] / f"{ids[0]}.jpg").exists()
