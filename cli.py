@@ -91,10 +91,10 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
         )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
-    if path.with_name(REFERENCE_FILE).is_file():
-        store_reference_file(row.id, path.with_name(REFERENCE_FILE))
     state = "active" if row.is_active else "inactive"
     click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
+    if path.with_name(REFERENCE_FILE).is_file():
+        click.echo(store_reference_file(row.id, path.with_name(REFERENCE_FILE)))
 
 
 @models_group.command("list")

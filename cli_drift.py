@@ -19,17 +19,17 @@ from serving import spec_of
 drift_group = AppGroup("drift", help="Drift monitoring: the windows report and each model's reference.")
 
 
-def store_reference_file(model_id: int, path: Path) -> None:
-    """Store a drift reference file for a model, refusing one made for other classes."""
+def store_reference_file(model_id: int, path: Path) -> str:
+    """Store a drift reference file for a model; what was done, or why it was not stored (a
+    file that cannot be read, or fitted for other classes)."""
     try:
         reference = Reference.from_bytes(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read the drift reference {path}: {exc}") from exc
-    row = model_store.get_model(model_id)
-    if tuple(reference.class_names) != tuple(row.class_names):
-        raise click.ClickException(f"{path} was fitted for other classes than model {model_id}'s")
+        return f"drift reference not stored: cannot read {path}: {exc}"
+    if tuple(reference.class_names) != tuple(model_store.get_model(model_id).class_names):
+        return f"drift reference not stored: {path} was fitted for other classes than model {model_id}'s"
     store.set_reference(model_id, reference)
-    click.echo(f"drift reference of model {model_id} stored ({len(reference.sample)} held-out images)")
+    return f"drift reference stored ({len(reference.sample)} held-out images)"
 
 
 def _since(value: str | None) -> datetime | None:
