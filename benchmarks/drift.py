@@ -269,6 +269,7 @@ def main() -> int:
     import model_store
     from app import create_app
     from monitoring import store
+    from monitoring.reference import Reference
     from registry import metrics_schema
     from serving import spec_of
     from training.calibration_fit import fit_drift_reference
@@ -294,11 +295,19 @@ def main() -> int:
         with app.app_context():
             model_store.init_db()
             row = model_store.import_model(args.model, metrics=metrics, activate=True)
-            sha256, spec = row.sha256, spec_of(row)
+            # The source file's hash: the registry's re-saved file is not byte-stable across imports.
+            sha256, spec = row.metrics["imported_from"]["sha256"], spec_of(row)
             model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
             record = model_store.get_full_calibration(row.id)
-            source = f"benchmarks/drift.py: {len(reference_idx)} CIFAR-10 test images (seed {args.seed})"
-            reference = fit_drift_reference(model, spec, record, images[reference_idx], source)
+            # Cached with the streams: their recorded PCA coordinates are in this reference's axes.
+            cached_reference = cache_path(sha256, "reference", args.seed).with_suffix(".safetensors")
+            if cached_reference.is_file():
+                reference = Reference.from_bytes(cached_reference.read_bytes())
+            else:
+                source = f"benchmarks/drift.py: {len(reference_idx)} CIFAR-10 test images (seed {args.seed})"
+                reference = fit_drift_reference(model, spec, record, images[reference_idx], source)
+                cached_reference.parent.mkdir(parents=True, exist_ok=True)
+                cached_reference.write_bytes(reference.to_bytes())
             store.set_reference(row.id, reference)
         model_serving.refresh(app)
         plan = {
