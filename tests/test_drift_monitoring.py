@@ -13,6 +13,7 @@ import pytest
 from helpers import classify, login, make_user, serve_registry
 from PIL import Image
 from sqlalchemy import func, select, update
+from test_decisions import _folder
 
 import model_store
 import prediction_history
@@ -187,3 +188,21 @@ def _tiny_reference_parts():
         embeddings=None,
     )
     return sample, None
+
+
+def test_flask_calibrate_fits_the_reference_on_the_same_held_out_images(app, runner, tmp_path):
+    data = _folder(tmp_path / "data")
+    refused = runner.invoke(args=["drift", "fit-reference", "1", "--data", str(data)])
+    assert refused.exit_code == 1 and "the model is not calibrated" in refused.output
+    result = runner.invoke(args=["calibrate", "1", "--data", str(data), "--val-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        summary = store.reference_summary(1)
+        assert summary["images"] == model_store.get_calibration(1)["heldout_images"] == 20
+        assert summary["source"].startswith("flask calibrate: data, 20 held-out images")
+    out = tmp_path / "reference.safetensors"
+    refit = runner.invoke(
+        args=["drift", "fit-reference", "1", "--data", str(data), "--val-fraction", "0.5", "--out", out]
+    )
+    assert refit.exit_code == 0 and "drift reference of model 1: 20 held-out images" in refit.output, refit.output
+    assert len(Reference.from_bytes(out.read_bytes()).sample) == 20
