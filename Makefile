@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 5000
 DEFAULT_MODEL := models/default/model.h5
 
-.PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench bench-suite soak frontdoor-bench clean
+.PHONY: install db run serve serve-proxy test test-fast lint train evaluate bench bench-suite soak frontdoor-bench drift-reference clean
 
 # The project itself goes in editable (pyproject.toml): scripts import its modules from anywhere.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -36,6 +36,13 @@ serve: db
 serve-proxy: db
 	HOST=$(HOST) PORT=$(if $(filter file,$(origin PORT)),8080,$(PORT)) MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} \
 		$(PY) deploy/frontdoor.py
+
+## drift-reference: fit the shipped model's drift reference on its calibration's held-out images (no retraining); writes models/default/drift_reference.safetensors, which `make db` imports with the model
+drift-reference: install
+	scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && export INSTANCE_PATH="$$scratch" DATABASE_URL= && \
+		$(FLASK) init-db >/dev/null && $(FLASK) models import $(DEFAULT_MODEL) --name cifar10-default >/dev/null && \
+		$(FLASK) drift fit-reference 1 --data $(or $(DATA),../shared/data/cifar10-jpeg.tar.gz) --val-fraction 0.1 --seed 0 \
+			--out models/default/drift_reference.safetensors
 
 ## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json (CALIBRATION=record.json: the cost of calibration for a model without one in metrics.json)
 bench: install

@@ -11,12 +11,15 @@ from flask.cli import AppGroup, with_appcontext
 
 import model_store
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
+from cli_drift import drift_group, store_reference_file
 from cli_label_queue import COMMANDS as LABEL_QUEUE_COMMANDS
 from database import db
 from inference import heatmap
 from labelling import store as label_store
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
+from monitoring import store as drift_store
+from monitoring.reference import REFERENCE_FILE
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
 from registry import metrics_schema
 from serving import Upload, clean_filename, spec_of
@@ -91,6 +94,8 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
         _fail(f"import refused, nothing was stored: {exc}")
     state = "active" if row.is_active else "inactive"
     click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
+    if path.with_name(REFERENCE_FILE).is_file():
+        click.echo(store_reference_file(row.id, path.with_name(REFERENCE_FILE)))
 
 
 @models_group.command("list")
@@ -270,13 +275,16 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
     The held-out images must not have been trained on: for a model trained by train.py on
     CIFAR-10 with its defaults, `--val-fraction 0.1 --seed 0` is its own validation split.
     """
-    from training.calibration_fit import calibrate_folder
+    from training.calibration_fit import calibrate_folder, fit_drift_reference, folder_splits
 
     try:
         row = model_store.get_model(model_id)
         model = model_store.load_keras_model(model_store.served_file(row, current_app.config["MODEL_CACHE_DIR"]))
-        record = calibrate_folder(model, spec_of(row), data, val_fraction, seed, target_accuracy)
+        splits = folder_splits(spec_of(row), data, val_fraction, seed)
+        record = calibrate_folder(model, spec_of(row), splits, target_accuracy=target_accuracy)
+        reference = fit_drift_reference(model, spec_of(row), record, splits.heldout_images, splits.source)
         model_store.set_calibration(model_id, record)
+        drift_store.set_reference(model_id, reference)
     except (ModelStoreError, ValueError) as exc:
         _fail(f"not calibrated: {exc}")
     before, after = record["before"], record["after"]
@@ -296,6 +304,7 @@ def register_commands(app: Flask) -> None:
         predict_command,
         calibrate_command,
         export_feedback_command,
+        drift_group,
         *ACCOUNT_COMMANDS,
         *LABEL_QUEUE_COMMANDS,
     ):

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 from accounts import Viewer
 from app_errors import AppError
 from database import db
+from monitoring import windows as drift_windows
 from serving import ClassifiedImage
 
 # "none": the image is none of the model's classes (offered on "unknown" answers).
@@ -176,6 +177,7 @@ def record(
             row.model_id = None
         db.session.add_all(rows)
         db.session.commit()
+    drift_windows.record(rows, images, model)
     return [replace(image, history_id=row.id) for image, row in zip(images, rows, strict=True)]
 
 

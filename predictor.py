@@ -240,6 +240,8 @@ class Prediction:
     decision: str = "confident"
     ood_score: float | None = None
     ranked: list[tuple[str, float]] = field(init=False)
+    # The last OOD layer's pooled features (drift monitoring projects them); None without.
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.ranked = sorted(self.probabilities.items(), key=lambda item: item[1], reverse=True)
@@ -255,17 +257,23 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Scores:
-    """A batch's calibrated probabilities (N x classes) and OOD scores (N, or None); slicing
-    gives the rows of some images, as the micro-batcher hands each request its own."""
+    """A batch's calibrated probabilities (N x classes), OOD scores (N, or None) and the last OOD
+    layer's pooled features (N x channels, or None); slicing gives the rows of some images, as the
+    micro-batcher hands each request its own."""
 
     probabilities: np.ndarray
     ood_scores: np.ndarray | None = None
+    features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.probabilities)
 
     def __getitem__(self, rows: slice) -> Scores:
-        return Scores(self.probabilities[rows], None if self.ood_scores is None else self.ood_scores[rows])
+        return Scores(
+            self.probabilities[rows],
+            None if self.ood_scores is None else self.ood_scores[rows],
+            None if self.features is None else self.features[rows],
+        )
 
 
 class Predictor:
@@ -316,7 +324,9 @@ class Predictor:
         if self.calibration is None:
             return Scores(softmax(logits).astype(np.float32))
         return Scores(
-            self.calibration.probabilities(logits).astype(np.float32), self.calibration.ood_scores(logits, features)
+            self.calibration.probabilities(logits).astype(np.float32),
+            self.calibration.ood_scores(logits, features),
+            features[-1] if features else None,
         )
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
@@ -345,5 +355,6 @@ def to_predictions(class_names: tuple[str, ...], scores: Scores, calibration=Non
         ood_score = None if scores.ood_scores is None else float(scores.ood_scores[i])
         decision = calibration.decide(float(row.max()), ood_score) if calibration is not None else "confident"
         probabilities = {name: float(p) for name, p in zip(class_names, row, strict=True)}
-        predictions.append(Prediction(probabilities, decision, ood_score))
+        features = None if scores.features is None else scores.features[i]
+        predictions.append(Prediction(probabilities, decision, ood_score, features))
     return predictions

@@ -72,3 +72,32 @@ def risk_coverage_png(curve: dict, target_accuracy: float, split: str) -> bytes:
     axis.set(xlabel="coverage", ylabel="risk (error rate)", xlim=(0, 1), title=f"Risk-coverage ({split} split)")
     axis.legend()
     return _png(figure)
+
+
+def drift_png(windows: list[dict]) -> bytes:
+    """A model version's drift over its windows: estimated accuracy (± 3 SE) against the
+    reference's, the unknown rate, and the smallest test p-value, with alerts marked."""
+    figure = Figure(figsize=(10, 6.5))
+    accuracy_axis, unknown_axis, p_axis = figure.subplots(3, 1, sharex=True)
+    x = np.arange(1, len(windows) + 1)
+    value = np.array([w["estimated_accuracy"] for w in windows])
+    spread = 3 * np.array([w["estimated_accuracy_se"] for w in windows])
+    accuracy_axis.fill_between(x, value - spread, value + spread, alpha=0.2, label="± 3 SE")
+    accuracy_axis.plot(x, value, marker="o", label="estimated accuracy")
+    accuracy_axis.plot(x, [w["reference_accuracy"] for w in windows], "k--", label="reference")
+    hurt = [i for i, w in enumerate(windows) if "model" in w["alerts"]]
+    accuracy_axis.plot(x[hurt], value[hurt], "rx", markersize=10, label="model likely hurt")
+    accuracy_axis.set(ylabel="estimated accuracy", title="Drift by window of predictions")
+    accuracy_axis.legend(loc="lower left", fontsize=8)
+    unknown_axis.plot(x, [w["unknown_rate"] for w in windows], marker="o", color="tab:orange")
+    unknown_axis.set(ylabel="unknown rate")
+    p_values = np.clip([w["min_p_value"] for w in windows], 1e-300, 1)
+    p_axis.semilogy(x, p_values, marker="o", color="tab:purple")
+    drifted = [i for i, w in enumerate(windows) if {"input", "prediction"} & set(w["alerts"])]
+    p_axis.semilogy(x[drifted], p_values[drifted], "rx", markersize=10, label="drift alert")
+    p_axis.set(ylabel="smallest p-value", xlabel="window (oldest first)")
+    if drifted:
+        p_axis.legend(loc="lower left", fontsize=8)
+    for axis in (accuracy_axis, unknown_axis, p_axis):
+        axis.grid(alpha=0.3)
+    return _png(figure)

@@ -352,7 +352,8 @@ class Saliency:
 @dataclass(frozen=True)
 class ClassifiedImage:
     """One image's answer: its file name and hash, the prediction, a thumbnail and a saliency map
-    of the top class when they were asked for, and its id in the prediction history once recorded."""
+    of the top class when they were asked for, its id in the prediction history once recorded, and
+    the statistics of the model's input (drift monitoring keeps them)."""
 
     filename: str
     image_sha256: str
@@ -360,6 +361,7 @@ class ClassifiedImage:
     thumbnail: bytes | None = None
     history_id: int | None = None
     saliency: Saliency | None = None
+    statistics: ImageStatistics | None = None
 
 
 @dataclass(frozen=True)
@@ -489,7 +491,9 @@ def answer(
         except NoExplanation as exc:
             no_explanation = exc.message
     images = [
-        ClassifiedImage(item.filename, item.sha256, prediction, item.thumbnail, None, saliency)
+        ClassifiedImage(
+            item.filename, item.sha256, prediction, item.thumbnail, None, saliency, item.statistics(loaded.input_size)
+        )
         for item, prediction, saliency in zip(decoded, predictions, saliencies, strict=True)
     ]
     return images, no_explanation

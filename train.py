@@ -23,6 +23,7 @@ from pathlib import Path
 
 import keras
 
+from monitoring.reference import REFERENCE_FILE, Reference
 from predictor import TTA_MODES, Predictor
 from registry import metrics_schema
 from registry.model_spec import ModelSpec
@@ -121,6 +122,11 @@ def _train(args) -> dict:
         metrics["calibration"] = calibration_fit.calibrate_model(
             model, spec, splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test
         )
+        # The drift reference on the same held-out images, beside the model: the import stores it.
+        reference = calibration_fit.fit_drift_reference(
+            model, spec, metrics["calibration"], splits.x_val, f"train.py: {len(splits.x_val)} held-out images"
+        )
+        (out_dir / REFERENCE_FILE).write_bytes(reference.to_bytes())
     metrics["wall_time_s"] = round(time.monotonic() - started, 1)
     metrics["report_files"] = write_report(out_dir / "report", metrics.pop("evaluation"), splits.class_names, history)
     metrics_schema.write_metrics(out_dir / "metrics.json", metrics)
@@ -194,10 +200,13 @@ def import_trained(model_path: Path, metrics: dict, name: str) -> None:
     """Store a trained model in the registry with its metrics, and activate it."""
     import model_store
     from database import open_database
+    from monitoring import store as drift_store
 
     with open_database():
         model_store.init_db()
         row = model_store.import_model(model_path, name=name, metrics=metrics, activate=True)
+        if model_path.with_name(REFERENCE_FILE).is_file():
+            drift_store.set_reference(row.id, Reference.from_bytes(model_path.with_name(REFERENCE_FILE).read_bytes()))
         print(f"imported as model {row.id} ({row.name} v{row.version}) and activated")
 
 

@@ -14,6 +14,8 @@ from PIL import Image
 import model_store
 import train
 from database import open_database
+from monitoring import store as drift_store
+from monitoring.reference import REFERENCE_FILE
 from predictor import ModelSpec
 from training.data import stratified_split
 from training.evaluation import evaluate_predictor, measure_inference
@@ -174,6 +176,9 @@ def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monke
     with open_database():
         row = model_store.get_active()
         assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
+        # The drift reference fitted on the calibration's held-out images, beside the model and stored with it.
+        assert (out / REFERENCE_FILE).is_file()
+        assert drift_store.reference_summary(row.id)["images"] == model_store.get_calibration(row.id)["heldout_images"]
 
 
 @pytest.mark.slow

@@ -3,11 +3,13 @@ calibration record that the registry stores (inference/calibration.py for probab
 inference/ood.py for the out-of-distribution score).
 
 `train.py` calls `calibrate_model` at the end of a run with its own splits; `flask calibrate`
-calls `calibrate_folder` for a model imported without a calibration.
+calls `calibrate_folder` for a model imported without a calibration. Both then fit the model's
+drift reference on the same held-out images (`fit_drift_reference`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +78,21 @@ def calibrate_model(
     return record
 
 
-def calibrate_folder(
-    model,
-    spec: ModelSpec,
-    data: Path,
-    val_fraction: float,
-    seed: int,
-    target_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY,
-) -> dict:
-    """Calibrate on an image-folder data set (folder or archive, as `train.py --data` reads):
-    its train/<class>/ images split, stratified and seeded, into OOD-fitting and held-out images
+@dataclass(frozen=True)
+class FolderSplits:
+    """An image-folder data set split as calibration uses it, labels in the model's class order."""
+
+    fit_images: np.ndarray
+    fit_labels: np.ndarray
+    heldout_images: np.ndarray
+    heldout_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    source: str
+
+
+def folder_splits(spec: ModelSpec, data: Path, val_fraction: float, seed: int) -> FolderSplits:
+    """Its train/<class>/ images split, stratified and seeded, into OOD-fitting and held-out images
     (the same split train.py makes, so `--val-fraction 0.1 --seed 0` reproduces the old recipe's
     validation split); test/<class>/ images, when present, only measure."""
     from training.data import read_image_folder, stratified_split
@@ -102,15 +109,46 @@ def calibrate_folder(
         raise ValueError("too few training images to split off held-out ones: raise --val-fraction or add images")
     x_test, y_test = splits["test"][0], to_model[splits["test"][1]] if len(splits["test"][1]) else None
     source = f"flask calibrate: {data.name}, {len(heldout_idx)} held-out images (fraction {val_fraction}, seed {seed})"
-    return calibrate_model(
-        model,
-        spec,
+    return FolderSplits(
         x_all[fit_idx],
         y_all[fit_idx],
         x_all[heldout_idx],
         y_all[heldout_idx],
         x_test if len(x_test) else None,
         y_test,
-        target_accuracy=target_accuracy,
-        source=source,
+        source,
     )
+
+
+def calibrate_folder(
+    model,
+    spec: ModelSpec,
+    data: Path | FolderSplits,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    target_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY,
+) -> dict:
+    """Calibrate on an image-folder data set (folder or archive, as `train.py --data` reads, split
+    by `folder_splits`), or on splits already read."""
+    splits = data if isinstance(data, FolderSplits) else folder_splits(spec, data, val_fraction, seed)
+    return calibrate_model(
+        model,
+        spec,
+        splits.fit_images,
+        splits.fit_labels,
+        splits.heldout_images,
+        splits.heldout_labels,
+        splits.test_images,
+        splits.test_labels,
+        target_accuracy=target_accuracy,
+        source=splits.source,
+    )
+
+
+def fit_drift_reference(model, spec: ModelSpec, record: dict, heldout_images: np.ndarray, source: str):
+    """The drift reference (monitoring/reference.py) of a model with its calibration `record`,
+    on the held-out images that calibration was fitted on."""
+    from monitoring.reference import fit_reference
+
+    predictor = Predictor(model, spec, calibration.Calibration.from_record(record))
+    return fit_reference(predictor, heldout_images, source)

@@ -38,6 +38,27 @@ MODEL_LOADED = Gauge(
     multiprocess_mode="livemax",
 )
 
+# Per model version, from its latest closed window of predictions (monitoring/windows.py).
+_VERSION = ["model_id", "name", "version"]
+DRIFT_ESTIMATED_ACCURACY = Gauge(
+    "imgcls_drift_estimated_accuracy",
+    "Mean calibrated top probability of the latest drift window.",
+    _VERSION,
+    multiprocess_mode="mostrecent",
+)
+DRIFT_UNKNOWN_RATE = Gauge(
+    "imgcls_drift_unknown_rate",
+    "Share of unknown answers in the latest drift window.",
+    _VERSION,
+    multiprocess_mode="mostrecent",
+)
+DRIFT_MIN_P_VALUE = Gauge(
+    "imgcls_drift_min_p_value",
+    "Smallest p-value of the latest drift window's tests.",
+    _VERSION,
+    multiprocess_mode="mostrecent",
+)
+
 
 # A made-up method would otherwise start a new time series on every request.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -68,6 +89,14 @@ def model_switched(slot: str, previous, current) -> None:
         MODEL_LOADED.labels(slot, str(previous.id), previous.name, str(previous.version)).set(0)
     if current is not None:
         MODEL_LOADED.labels(slot, str(current.id), current.name, str(current.version)).set(1)
+
+
+def drift_window(model, estimated_accuracy: float, unknown_rate: float, min_p_value: float) -> None:
+    """Record a model version's latest drift window (`model`: anything with id, name and version)."""
+    labels = (str(model.id), model.name, str(model.version))
+    DRIFT_ESTIMATED_ACCURACY.labels(*labels).set(estimated_accuracy)
+    DRIFT_UNKNOWN_RATE.labels(*labels).set(unknown_rate)
+    DRIFT_MIN_P_VALUE.labels(*labels).set(min_p_value)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -1,7 +1,7 @@
 """label queue: calibrated probabilities on each prediction, rounds of label requests, second opinions
 
 Revision ID: 0012
-Revises: 0008
+Revises: 0011
 Create Date: 2026-12-02 21:00:00
 
 The queue ranks predictions by their calibrated margin and the feedback check compares a label
@@ -17,7 +17,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = "0012"
-down_revision = "0008"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
