@@ -21,7 +21,20 @@ from inference import heatmap
 from model_sandbox import ImportLimits
 from predictor import DEFAULT_MAX_PIXELS
 from serving import DEFAULT_MAX_REQUEST_PIXELS
-from web import api, auth, credentials, errors, extensions, inputs, ops, pages, privacy, prometheus, sessions
+from web import (
+    api,
+    auth,
+    credentials,
+    errors,
+    extensions,
+    inputs,
+    ops,
+    pages,
+    privacy,
+    prometheus,
+    rollout_pages,
+    sessions,
+)
 
 DEFAULTS = {
     "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
@@ -114,7 +127,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     sessions.init_app(app)
     privacy.init_app(app)
     prometheus.init_app(app)
-    for blueprint in (auth.bp, pages.bp, api.bp, ops.bp):
+    for blueprint in (auth.bp, pages.bp, api.bp, ops.bp, rollout_pages.bp):
         app.register_blueprint(blueprint)
     errors.init_app(app, api.API_PREFIX)
     app.after_request(_security_headers)

@@ -1,0 +1,152 @@
+"""Canaries simulated on precomputed model outputs: a stream of images, each answered by the
+champion or (for the canary's share, by the same hash the app routes with) by the challenger,
+which the champion then also scores, judged every `check_every` challenger requests by the
+app's own code (rollout_checks.windows, run_checks, decide).
+
+Model outputs are computed once per image (benchmarks/rollout.py: the shipped model on CIFAR-10;
+the tests: synthetic ones) and replayed, so twenty seeds of thousands of requests cost seconds.
+Flask-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+import rollout_checks
+from rollout_checks import Action, Answer, Criteria, Observation, Progress
+
+CHAMPION_ID, CHALLENGER_ID = 1, 2
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One model's answer to each image of a test set, and the images' true classes."""
+
+    classes: np.ndarray  # str, the top class
+    decisions: np.ndarray  # str: confident | unsure | unknown
+    top_probabilities: np.ndarray
+    ood_scores: np.ndarray | None
+    labels: np.ndarray  # str, the true class
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def answer(self, request: int, image: int, model_id: int, label: str | None) -> Answer:
+        ood = None if self.ood_scores is None else float(self.ood_scores[image])
+        return Answer(
+            request,
+            model_id,
+            str(self.classes[image]),
+            str(self.decisions[image]),
+            float(self.top_probabilities[image]),
+            ood,
+            label,
+        )
+
+
+def swapped(outputs: Outputs, first: str, second: str) -> Outputs:
+    """The same model with two classes' outputs swapped: its class distribution is unchanged."""
+    classes = outputs.classes.copy()
+    classes[outputs.classes == first] = second
+    classes[outputs.classes == second] = first
+    return replace(outputs, classes=classes)
+
+
+def answering(outputs: Outputs, name: str, fraction: float, seed: int = 0) -> Outputs:
+    """A model that answers `name` for a fixed `fraction` of images, with its usual confidence."""
+    chosen = np.random.default_rng(seed).random(len(outputs)) < fraction
+    classes = outputs.classes.copy()
+    classes[chosen] = name
+    return replace(outputs, classes=classes)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How one simulated canary ended: the action (rollback, promote, or none by the horizon),
+    after how many challenger requests, the shares it went through, and each check's verdicts."""
+
+    action: Action
+    challenger_requests: int
+    shares: tuple[float, ...]
+    failed_checks: tuple[tuple[str, ...], ...]
+
+
+def simulate(
+    champion: Outputs,
+    challenger: Outputs,
+    seed: int,
+    share: float = 5.0,
+    criteria: Criteria = Criteria(),
+    horizon: int = 300,
+    auto_step: bool = False,
+    auto_promote: bool = False,
+    feedback: float = 0.0,
+    latency_ms: tuple[float, float] = (20.0, 20.0),
+) -> Run:
+    """Replay a stream until the canary is rolled back or promoted, or the challenger has
+    answered `horizon` requests. Latencies are lognormal around `latency_ms` (champion,
+    challenger); `feedback` is the share of requests people label."""
+    rng = np.random.default_rng(seed)
+    answers: list[Answer] = []
+    observations: list[Observation] = []
+    progress, shares, failures = Progress(), [share], []
+    served = request = 0
+    while served < horizon:
+        request += 1
+        image = int(rng.integers(len(champion)))
+        label = str(champion.labels[image]) if rng.random() < feedback else None
+        key = f"{seed}:{request}"  # stands for the upload's sha256: a new image each request
+        if not rollout_checks.goes_to_challenger(key, share):
+            answers.append(champion.answer(request, image, CHAMPION_ID, label))
+            observations.append(Observation(CHAMPION_ID, True, _latency(rng, latency_ms[0])))
+            continue
+        served += 1
+        answers.append(challenger.answer(request, image, CHALLENGER_ID, label))
+        answers.append(champion.answer(request, image, CHAMPION_ID, label))
+        observations.append(Observation(CHALLENGER_ID, True, _latency(rng, latency_ms[1])))
+        if served % criteria.check_every:
+            continue
+        cham, chal, paired = rollout_checks.windows(answers, observations, CHAMPION_ID, CHALLENGER_ID)
+        checks = rollout_checks.run_checks(cham, chal, paired, criteria)
+        failures.append(tuple(check.name for check in checks if check.passed is False))
+        accuracy = rollout_checks.paired_accuracy(paired, criteria.promote_confidence)
+        decision = rollout_checks.decide(
+            progress, checks, served, share, criteria, auto_step, accuracy, auto_promote
+        )
+        progress = decision.progress
+        if decision.action in (Action.ROLLBACK, Action.PROMOTE):
+            return Run(decision.action, served, tuple(shares), tuple(failures))
+        if decision.action is Action.STEP:
+            share = decision.share
+            shares.append(share)
+    return Run(Action.NONE, served, tuple(shares), tuple(failures))
+
+
+def _latency(rng: np.random.Generator, median_ms: float) -> float:
+    return float(median_ms * np.exp(rng.normal(0, 0.25)))
+
+
+def synthetic_outputs(n: int, accuracy: float, seed: int, classes: tuple[str, ...]) -> Outputs:
+    """A made-up classifier: right `accuracy` of the time, confident when its probability is
+    high, 'unknown' on 3 % of images; for the tests, where no real model is at hand."""
+    rng = np.random.default_rng(seed)
+    labels = np.array(classes)[rng.integers(len(classes), size=n)]
+    wrong = np.array(classes)[rng.integers(len(classes), size=n)]
+    right = rng.random(n) < accuracy
+    predicted = np.where(right, labels, wrong)
+    probability = np.where(right, rng.beta(8, 2, n), rng.beta(3, 3, n))
+    decisions = np.where(probability > 0.6, "confident", "unsure")
+    decisions[rng.random(n) < 0.03] = "unknown"
+    return Outputs(predicted, decisions, probability, rng.normal(0, 1, n), labels)
+
+
+def retrained(outputs: Outputs, accuracy: float, seed: int, classes: tuple[str, ...]) -> Outputs:
+    """Another good version of the same task: right on the same images as often, wrong on
+    others, with its own confidence; the images (labels) are the same."""
+    other = synthetic_outputs(len(outputs), accuracy, seed, classes)
+    rng = np.random.default_rng(seed + 1)
+    wrong = np.array(classes)[rng.integers(len(classes), size=len(outputs))]
+    right = rng.random(len(outputs)) < accuracy
+    return replace(other, classes=np.where(right, outputs.labels, wrong), labels=outputs.labels)
