@@ -1,7 +1,7 @@
 """Canaries simulated on precomputed model outputs: a stream of images, each answered by the
 champion or (for the canary's share, by the same hash the app routes with) by the challenger,
 which the champion then also scores, judged every `check_every` challenger requests by the
-app's own code (rollout_checks.windows, run_checks, decide).
+app's own code (rollout_checks.run_checks and decide).
 
 Model outputs are computed once per image (benchmarks/rollout.py: the shipped model on CIFAR-10;
 the tests: synthetic ones) and replayed, so twenty seeds of thousands of requests cost seconds.
@@ -15,9 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 import rollout_checks
-from rollout_checks import Action, Answer, Criteria, Observation, Progress
-
-CHAMPION_ID, CHALLENGER_ID = 1, 2
+from rollout_checks import Action, Criteria, Paired, Progress, VersionWindow
 
 
 @dataclass(frozen=True)
@@ -32,18 +30,6 @@ class Outputs:
 
     def __len__(self) -> int:
         return len(self.classes)
-
-    def answer(self, request: int, image: int, model_id: int, label: str | None) -> Answer:
-        ood = None if self.ood_scores is None else float(self.ood_scores[image])
-        return Answer(
-            request,
-            model_id,
-            str(self.classes[image]),
-            str(self.decisions[image]),
-            float(self.top_probabilities[image]),
-            ood,
-            label,
-        )
 
 
 def swapped(outputs: Outputs, first: str, second: str) -> Outputs:
@@ -78,7 +64,7 @@ def simulate(
     challenger: Outputs,
     seed: int,
     share: float = 5.0,
-    criteria: Criteria = Criteria(),
+    criteria: Criteria | None = None,
     horizon: int = 300,
     auto_step: bool = False,
     auto_promote: bool = False,
@@ -87,10 +73,12 @@ def simulate(
 ) -> Run:
     """Replay a stream until the canary is rolled back or promoted, or the challenger has
     answered `horizon` requests. Latencies are lognormal around `latency_ms` (champion,
-    challenger); `feedback` is the share of requests people label."""
+    challenger); `feedback` is the share of requests people label. The windows grow as the
+    app's do (the champion's answers, and its off-path answers to the canary's requests); each
+    check is rollout_checks.run_checks and rollout_checks.decide, as in rollout_state."""
+    criteria = criteria or Criteria()
     rng = np.random.default_rng(seed)
-    answers: list[Answer] = []
-    observations: list[Observation] = []
+    cham, chal, paired = VersionWindow(), VersionWindow(), Paired()
     progress, shares, failures = Progress(), [share], []
     served = request = 0
     while served < horizon:
@@ -98,23 +86,25 @@ def simulate(
         image = int(rng.integers(len(champion)))
         label = str(champion.labels[image]) if rng.random() < feedback else None
         key = f"{seed}:{request}"  # stands for the upload's sha256: a new image each request
+        _add(cham, champion, image)
         if not rollout_checks.goes_to_challenger(key, share):
-            answers.append(champion.answer(request, image, CHAMPION_ID, label))
-            observations.append(Observation(CHAMPION_ID, True, _latency(rng, latency_ms[0])))
+            _observe(cham, _latency(rng, latency_ms[0]))
             continue
         served += 1
-        answers.append(challenger.answer(request, image, CHALLENGER_ID, label))
-        answers.append(champion.answer(request, image, CHAMPION_ID, label))
-        observations.append(Observation(CHALLENGER_ID, True, _latency(rng, latency_ms[1])))
+        _add(chal, challenger, image)
+        _observe(chal, _latency(rng, latency_ms[1]))
+        cham.requests += 1  # the champion's off-path call
+        paired.add(
+            (str(champion.classes[image]), str(champion.decisions[image])),
+            (str(challenger.classes[image]), str(challenger.decisions[image])),
+            label,
+        )
         if served % criteria.check_every:
             continue
-        cham, chal, paired = rollout_checks.windows(answers, observations, CHAMPION_ID, CHALLENGER_ID)
         checks = rollout_checks.run_checks(cham, chal, paired, criteria)
         failures.append(tuple(check.name for check in checks if check.passed is False))
         accuracy = rollout_checks.paired_accuracy(paired, criteria.promote_confidence)
-        decision = rollout_checks.decide(
-            progress, checks, served, share, criteria, auto_step, accuracy, auto_promote
-        )
+        decision = rollout_checks.decide(progress, checks, served, share, criteria, auto_step, accuracy, auto_promote)
         progress = decision.progress
         if decision.action in (Action.ROLLBACK, Action.PROMOTE):
             return Run(decision.action, served, tuple(shares), tuple(failures))
@@ -122,6 +112,16 @@ def simulate(
             share = decision.share
             shares.append(share)
     return Run(Action.NONE, served, tuple(shares), tuple(failures))
+
+
+def _add(window: VersionWindow, outputs: Outputs, image: int) -> None:
+    ood = None if outputs.ood_scores is None else float(outputs.ood_scores[image])
+    window.add(str(outputs.classes[image]), str(outputs.decisions[image]), float(outputs.top_probabilities[image]), ood)
+
+
+def _observe(window: VersionWindow, latency_ms: float) -> None:
+    window.requests += 1
+    window.latencies_ms.append(latency_ms)
 
 
 def _latency(rng: np.random.Generator, median_ms: float) -> float:
