@@ -335,12 +335,11 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class Progress:
-    """A canary's progress between checks: failed checks in a row, failed checks since the last
-    step, and challenger requests counted at the last step."""
+    """A canary's progress between checks: failed checks in a row, and the challenger requests
+    counted at the last step or failed check (the clean run a step needs starts there)."""
 
     failed_in_row: int = 0
-    failed_in_step: int = 0
-    step_start: int = 0
+    clean_since: int = 0
 
 
 @dataclass(frozen=True)
@@ -365,7 +364,7 @@ def decide(
     row; with `auto_step`, move to the next share after `step_after` challenger requests without
     a failed check; with `auto_promote`, promote on paired non-inferiority."""
     bad = failed(checks)
-    progress = Progress(progress.failed_in_row + 1 if bad else 0, progress.failed_in_step + bad, progress.step_start)
+    progress = Progress(progress.failed_in_row + 1 if bad else 0, challenger_requests if bad else progress.clean_since)
     if progress.failed_in_row >= criteria.failures_to_rollback:
         names = ", ".join(check.name for check in checks if check.passed is False)
         return Decision(Action.ROLLBACK, progress, share, f"{progress.failed_in_row} failed checks in a row ({names})")
@@ -376,10 +375,10 @@ def decide(
         )
         return Decision(Action.PROMOTE, progress, share, reason)
     steps = [step for step in criteria.steps if step > share]
-    clean = progress.failed_in_step == 0 and challenger_requests - progress.step_start >= criteria.step_after
-    if auto_step and steps and clean:
-        reason = f"{challenger_requests - progress.step_start} challenger requests without a failed check"
-        return Decision(Action.STEP, Progress(progress.failed_in_row, 0, challenger_requests), steps[0], reason)
+    clean = challenger_requests - progress.clean_since
+    if auto_step and steps and clean >= criteria.step_after:
+        reason = f"{clean} challenger requests without a failed check"
+        return Decision(Action.STEP, Progress(0, challenger_requests), steps[0], reason)
     return Decision(Action.NONE, progress, share, "failed check" if bad else "passed")
 
 

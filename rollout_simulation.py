@@ -128,6 +128,12 @@ def _latency(rng: np.random.Generator, median_ms: float) -> float:
     return float(median_ms * np.exp(rng.normal(0, 0.25)))
 
 
+def conflict_rate(a: Outputs, b: Outputs) -> float:
+    """The share of images both answer calibrated-confident with different classes."""
+    both = (a.decisions == "confident") & (b.decisions == "confident")
+    return float(np.mean(both & (a.classes != b.classes)))
+
+
 def synthetic_outputs(n: int, accuracy: float, seed: int, classes: tuple[str, ...]) -> Outputs:
     """A made-up classifier: right `accuracy` of the time, confident when its probability is
     high, 'unknown' on 3 % of images; for the tests, where no real model is at hand."""
@@ -142,11 +148,16 @@ def synthetic_outputs(n: int, accuracy: float, seed: int, classes: tuple[str, ..
     return Outputs(predicted, decisions, probability, rng.normal(0, 1, n), labels)
 
 
-def retrained(outputs: Outputs, accuracy: float, seed: int, classes: tuple[str, ...]) -> Outputs:
-    """Another good version of the same task: right on the same images as often, wrong on
-    others, with its own confidence; the images (labels) are the same."""
-    other = synthetic_outputs(len(outputs), accuracy, seed, classes)
-    rng = np.random.default_rng(seed + 1)
-    wrong = np.array(classes)[rng.integers(len(classes), size=len(outputs))]
-    right = rng.random(len(outputs)) < accuracy
-    return replace(other, classes=np.where(right, outputs.labels, wrong), labels=outputs.labels)
+def retrained(outputs: Outputs, agreement: float, seed: int, classes: tuple[str, ...]) -> Outputs:
+    """Another good version: the champion's answer on `agreement` of the images (a retrain errs
+    mostly where its predecessor did), an answer of its own of the same quality on the rest."""
+    own = synthetic_outputs(len(outputs), float(np.mean(outputs.classes == outputs.labels)), seed, classes)
+    own = replace(own, classes=np.where(own.classes == own.labels, outputs.labels, own.classes))
+    same = np.random.default_rng(seed + 1).random(len(outputs)) < agreement
+    return Outputs(
+        np.where(same, outputs.classes, own.classes),
+        np.where(same, outputs.decisions, own.decisions),
+        np.where(same, outputs.top_probabilities, own.top_probabilities),
+        None if outputs.ood_scores is None else np.where(same, outputs.ood_scores, own.ood_scores),
+        outputs.labels,
+    )

@@ -54,8 +54,8 @@ class RolloutState(db.Model):
     # Challenger answers counted at the last check; checks run every `check_every` more.
     checked_upto: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     failed_checks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)  # in a row
-    failures_in_step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    last_check: Mapped[dict | None] = mapped_column(JSON)  # includes step_start
+    # The last check: when, at how many challenger requests, and where the clean run began.
+    last_check: Mapped[dict | None] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
@@ -137,7 +137,7 @@ def get_state(for_update: bool = False) -> RolloutState:
     if row is None:
         row = RolloutState(id=STATE_ID, mode="off", share=0.0, sample=1.0, criteria={}, updated_at=_now())
         row.auto_step = row.auto_promote = False
-        row.checked_upto = row.failed_checks = row.failures_in_step = 0
+        row.checked_upto = row.failed_checks = 0
         db.session.add(row)
         db.session.flush()
     return row
@@ -183,7 +183,7 @@ def _append(action: str, actor: str, source, target, reason: str | None, snapsho
 def _reset(state: RolloutState, mode: str, challenger_id: int | None, share: float = 0.0) -> None:
     state.mode, state.challenger_id, state.share = mode, challenger_id, share
     state.window_start = _now() if mode != "off" else None
-    state.checked_upto = state.failed_checks = state.failures_in_step = 0
+    state.checked_upto = state.failed_checks = 0
     state.last_check = None
     state.updated_at = _now()
 
@@ -276,7 +276,7 @@ def step(share: float, actor: str, reason: str | None = None, snapshot: dict | N
     champion, challenger = _current(state)
     if state.mode != "canary":
         raise RolloutError("only a canary has a share")
-    state.share, state.failures_in_step, state.updated_at = share, 0, _now()
+    state.share, state.updated_at = share, _now()
     _append("step", actor, champion, challenger, reason or f"share {share:g}%", snapshot)
     _commit()
     return state
@@ -492,8 +492,7 @@ def _check(counted: int, criteria: Criteria) -> rollout_checks.Decision | None:
     snapshot = comparison(state, champion.id, answers, observations)
     cham, chal, paired = rollout_checks.windows(answers, observations, champion.id, state.challenger_id)
     checks = rollout_checks.run_checks(cham, chal, paired, criteria)
-    step_start = (state.last_check or {}).get("step_start", 0)
-    progress = Progress(state.failed_checks, state.failures_in_step, step_start)
+    progress = Progress(state.failed_checks, (state.last_check or {}).get("clean_since", 0))
     decision = rollout_checks.decide(
         progress,
         checks,
@@ -505,9 +504,8 @@ def _check(counted: int, criteria: Criteria) -> rollout_checks.Decision | None:
         state.auto_promote,
     )
     state.failed_checks = decision.progress.failed_in_row
-    state.failures_in_step = decision.progress.failed_in_step
     snapshot["failed_checks_in_row"] = state.failed_checks
-    state.last_check = {"at": _now().isoformat(), "requests": counted, "step_start": decision.progress.step_start}
+    state.last_check = {"at": _now().isoformat(), "requests": counted, "clean_since": decision.progress.clean_since}
     if decision.action is Action.ROLLBACK:
         rollback(SYSTEM, decision.reason, snapshot)
     elif decision.action is Action.PROMOTE:

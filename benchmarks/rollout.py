@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from devtools.machine import cpu_model  # noqa: E402
 from rollout_checks import Action, Criteria  # noqa: E402
-from rollout_simulation import Outputs, answering, simulate, swapped  # noqa: E402
+from rollout_simulation import Outputs, answering, conflict_rate, simulate, swapped  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_CACHE = ROOT / "benchmarks" / "results" / "rollout_outputs.npz"
@@ -98,11 +98,6 @@ def outputs(arrays, name: str) -> Outputs:
         arrays[f"{name}_ood"],
         arrays["labels"],
     )
-
-
-def conflict_rate(a: Outputs, b: Outputs) -> float:
-    both = (a.decisions == "confident") & (b.decisions == "confident")
-    return float(np.mean(both & (a.classes != b.classes)))
 
 
 def scenario(champion, challenger, seeds: int, horizon: int, criteria: Criteria, **options) -> dict:
@@ -165,6 +160,14 @@ def main() -> int:
             "tta": float(np.mean(champion.classes == champion.labels)),
             "notta": float(np.mean(no_tta.classes == no_tta.labels)),
         },
+        "unknown_rate": {
+            "tta": float(np.mean(champion.decisions == "unknown")),
+            "notta": float(np.mean(no_tta.decisions == "unknown")),
+        },
+        "confident_rate": {
+            "tta": float(np.mean(champion.decisions == "confident")),
+            "notta": float(np.mean(no_tta.decisions == "confident")),
+        },
         "confident_conflict_rate_good_versions": good_conflicts,
         "swapped_conflict_rate": conflict_rate(champion, swapped(champion, "cat", "dog")),
         "cat20_conflict_rate": conflict_rate(champion, answering(champion, "cat", 0.2)),
@@ -180,8 +183,10 @@ def report(record: dict) -> str:
     lines = [
         f"CPU: {record['cpu']}; simulation {record['simulation_s']:.0f} s (loaded machine).",
         f"Accuracy on the CIFAR-10 test split: champion (TTA) {record['accuracy']['tta']:.2%}, "
-        f"no-TTA {record['accuracy']['notta']:.2%}. Confident-conflict rate between the two good versions: "
-        f"{record['confident_conflict_rate_good_versions']:.2%}; swapped cat/dog against the champion: "
+        f"no-TTA {record['accuracy']['notta']:.2%}; confident {record['confident_rate']['tta']:.1%} / "
+        f"{record['confident_rate']['notta']:.1%}, unknown {record['unknown_rate']['tta']:.2%} / "
+        f"{record['unknown_rate']['notta']:.2%}. Confident-conflict rate between the two good versions: "
+        f"{record['confident_conflict_rate_good_versions']:.3%}; swapped cat/dog against the champion: "
         f"{record['swapped_conflict_rate']:.2%}; 20 % cat: {record['cat20_conflict_rate']:.2%}.",
         "",
         "| challenger | seeds | horizon | rolled back | delay (challenger requests) median / max | failed checks |",

@@ -38,7 +38,6 @@ def upgrade():
         sa.Column("window_start", sa.DateTime(timezone=True), nullable=True),
         sa.Column("checked_upto", sa.Integer(), nullable=False),
         sa.Column("failed_checks", sa.Integer(), nullable=False),
-        sa.Column("failures_in_step", sa.Integer(), nullable=False),
         sa.Column("last_check", sa.JSON(), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["challenger_id"], ["model_versions.id"], ondelete="SET NULL"),
