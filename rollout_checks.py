@@ -141,6 +141,13 @@ class Paired:
             if da == "confident" and db == "confident" and a != b
         )
 
+    def unknown_discordant(self) -> tuple[int, int]:
+        """(unknown to the challenger only, unknown to the champion only) on the same requests."""
+        pairs = list(zip(self.champion_decisions, self.challenger_decisions, strict=True))
+        mine = sum(1 for a, b in pairs if b == "unknown" and a != "unknown")
+        theirs = sum(1 for a, b in pairs if a == "unknown" and b != "unknown")
+        return mine, theirs
+
     def discordant(self) -> tuple[int, int, int]:
         """On labelled items: (labelled, champion right and challenger wrong, champion wrong and challenger right)."""
         labelled = worse = better = 0
@@ -222,7 +229,7 @@ def run_checks(champion: VersionWindow, challenger: VersionWindow, paired: Paire
     return [
         _error_check(champion, challenger, criteria),
         _latency_check(champion, challenger, criteria),
-        _unknown_check(champion, challenger, criteria),
+        _unknown_check(champion, challenger, paired, criteria),
         _class_check(champion, challenger, criteria),
         _conflict_check(paired, criteria),
     ]
@@ -248,7 +255,19 @@ def _latency_check(champion: VersionWindow, challenger: VersionWindow, criteria:
     return Check("p95 latency", ratio <= criteria.p95_ratio, ratio, criteria.p95_ratio, "challenger p95 / champion p95")
 
 
-def _unknown_check(champion: VersionWindow, challenger: VersionWindow, criteria: Criteria) -> Check:
+def _unknown_check(champion: VersionWindow, challenger: VersionWindow, paired: Paired, criteria: Criteria) -> Check:
+    """On the requests both answered, an exact one-sided McNemar test (only the challenger
+    says unknown, against only the champion); without them, a two-proportion test on each
+    one's own requests. The paired test is the one canaries use: on independent requests a
+    challenger identical to the champion was rolled back for its unknown rate in 2 of 20
+    simulated canaries (docs/benchmarks.md)."""
+    if len(paired) >= criteria.check_every:
+        mine, theirs = paired.unknown_discordant()
+        p = float(stats.binomtest(mine, mine + theirs, 0.5, alternative="greater").pvalue) if mine + theirs else 1.0
+        detail = (
+            f"on {len(paired)} requests both answered: unknown to the challenger only {mine}, champion only {theirs}"
+        )
+        return Check("unknown rate", p >= criteria.unknown_p, p, criteria.unknown_p, detail)
     n1, n2 = challenger.answers, champion.answers
     if not n1 or not n2:
         return Check("unknown rate", None, None, criteria.unknown_p, "no answers")

@@ -57,21 +57,30 @@ NOMINAL = dict(latencies=[20.0] * 60)
         ("errors", window(balanced(200), errors=5, **NOMINAL), None),
         ("p95 latency", window(balanced(200), latencies=[40.0] * 60), None),
         ("unknown rate", window(balanced(200), ["unknown"] * 30 + ["confident"] * 170, **NOMINAL), None),
-        ("class distribution", window(["cat"] * 80 + balanced(120), **NOMINAL), None),
+        # On a window of other requests than the paired ones (a canary at a small share).
+        ("class distribution", window(["cat"] * 80 + balanced(120), **NOMINAL), balanced(200)),
         ("confident conflicts", window(balanced(200), **NOMINAL), balanced(200, offset=1)),
     ],
 )
 def test_each_check_fails_on_its_fault_and_only_that_one(fault, challenger, paired_classes):
     criteria = Criteria()
     champion = window(balanced(2000), **NOMINAL)
-    paired = Paired()
+    paired = Paired()  # the champion scored the challenger's requests too
     for i, name in enumerate(balanced(200)):
-        paired.add((name, "confident"), ((paired_classes or balanced(200))[i], "confident"))
+        paired.add((name, "confident"), ((paired_classes or challenger.classes)[i], challenger.decisions[i]))
     verdicts = by_name(rollout_checks.run_checks(champion, challenger, paired, criteria))
     assert verdicts.pop(fault) is False
     assert all(verdicts.values()), verdicts
     nominal = by_name(rollout_checks.run_checks(champion, window(balanced(200), **NOMINAL), Paired(), criteria))
     assert nominal["errors"] and nominal["p95 latency"] and nominal["class distribution"]
+
+
+def test_without_paired_requests_the_unknown_rate_is_compared_on_each_ones_own_requests():
+    champion = window(balanced(2000), ["unknown"] * 60 + ["confident"] * 1940)
+    worse = window(balanced(200), ["unknown"] * 30 + ["confident"] * 170)
+    same = window(balanced(200), ["unknown"] * 6 + ["confident"] * 194)
+    assert by_name(rollout_checks.run_checks(champion, worse, Paired(), Criteria()))["unknown rate"] is False
+    assert by_name(rollout_checks.run_checks(champion, same, Paired(), Criteria()))["unknown rate"] is True
 
 
 def test_too_few_answers_are_not_judged():
