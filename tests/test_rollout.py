@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -18,6 +19,7 @@ import rollout_checks
 import rollout_state
 from database import db
 from prediction_history import HistoryEntry, ModelOutput
+from web.extensions import model_serving
 
 
 def _import(app, path, name="challenger") -> int:
@@ -238,24 +240,41 @@ def test_metrics_name_the_version_that_answered(app, client, runner, other_model
     )
 
 
-def test_two_instances_follow_start_step_and_rollback(app, make_app, runner, other_model_file):
+def test_two_instances_follow_start_step_and_rollback_within_the_poll_interval(app, make_app, other_model_file):
+    """Two apps on one database, each with its own registry poller (every 50 ms), as two
+    instances (or two workers) run: each follows the state on its own, nobody refreshes them."""
     other = _import(app, other_model_file)
-    second = make_app(instance="second")
-    apps = [app, second]
+    polled = [make_app(instance=f"polled{i}", MODEL_POLL_SECONDS=0.05) for i in range(2)]
+    for each in polled:
+        model_serving.start(each, wait_seconds=30)
 
-    def plans():
-        for each in apps:
-            serve_registry(each)  # the poll
-        return [(a.extensions["rollout"].plan.mode, a.extensions["rollout"].plan.share) for a in apps]
+    def followed(mode: str, share: float) -> bool:
+        deadline = time.monotonic() + 20  # a load takes a while on a busy machine; the poll is 50 ms
+        while time.monotonic() < deadline:
+            plans = [each.extensions["rollout"].plan for each in polled]
+            slots = [each.extensions["model_serving"].slots.slot("challenger") for each in polled]
+            loaded = [(slot.id if slot else None) for slot in slots]
+            if (
+                all((plan.mode, plan.share) == (mode, share) for plan in plans)
+                and loaded == [other if mode != "off" else None] * 2
+            ):
+                return True
+            time.sleep(0.02)
+        return False
 
-    runner.invoke(args=["models", "canary", str(other), "--share", "5"])
-    assert plans() == [("canary", 5.0)] * 2
-    with app.app_context():
-        rollout_state.step(25.0, "test")
-    assert plans() == [("canary", 25.0)] * 2
-    runner.invoke(args=["models", "rollback"])
-    assert plans() == [("off", 0.0)] * 2
-    assert all(a.extensions["model_serving"].slots.slot("challenger") is None for a in apps)
+    try:
+        with app.app_context():
+            rollout_state.start_canary(other, 5.0, "test")
+        assert followed("canary", 5.0)
+        with app.app_context():
+            rollout_state.step(25.0, "test")
+        assert followed("canary", 25.0)
+        with app.app_context():
+            rollout_state.rollback("test", "done")
+        assert followed("off", 0.0)
+    finally:
+        for each in polled:
+            model_serving.stop(each)
 
 
 @pytest.mark.parametrize("args", [["canary", "1", "--share", "5"], ["canary", "999", "--share", "5"], ["promote"]])
