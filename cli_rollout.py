@@ -58,7 +58,7 @@ def shadow_command(model_id: int, sample: float) -> None:
 @click.option("--auto-step", is_flag=True, help="5 -> 25 -> 50 %% after clean checks")
 @click.option("--auto-promote", is_flag=True, help="promote on paired non-inferiority from feedback")
 @click.option("--check-every", type=click.IntRange(min=1), help="challenger requests between checks (default 50)")
-@click.option("--conflict-limit", type=click.FloatRange(0, 1), help="confident-conflict rate limit (default 0.03)")
+@click.option("--conflict-limit", type=click.FloatRange(0, 1), help="confident-conflict rate limit (default 0.01)")
 def canary_command(
     model_id: int, share: float, auto_step: bool, auto_promote: bool, check_every, conflict_limit
 ) -> None:

@@ -31,7 +31,7 @@ class Criteria:
     min_latency_samples: int = 50
     unknown_p: float = 0.01  # one-sided two-proportion test
     class_p: float = 0.001  # chi-square on the predicted-class counts
-    conflict_limit: float = 0.03  # confident conflicts with the champion on the same requests
+    conflict_limit: float = 0.01  # confident conflicts with the champion on the same requests
     conflict_p: float = 0.01  # one-sided binomial test against the limit
     step_after: int = 200  # challenger requests without a failed check before the next step
     steps: tuple[float, ...] = (5.0, 25.0, 50.0)
