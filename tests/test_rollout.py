@@ -135,6 +135,29 @@ def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, 
     assert worker.wait_idle()
 
 
+def test_a_challenger_that_fails_answers_nothing_the_champion_answers_and_the_failure_counts(
+    app, client, runner, other_model_file
+):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "canary", str(other), "--share", "100"])
+    serve_registry(app)
+    challenger = app.extensions["model_serving"].slots.slot("challenger")
+
+    def broken(decoded):
+        raise RuntimeError("the challenger's engine broke")
+
+    object.__setattr__(challenger, "score", broken)
+    try:
+        body = _ask(client, 0)
+    finally:
+        object.__delattr__(challenger, "score")
+    assert body["model"]["id"] == 1
+    assert _worker(app).wait_idle()
+    compare = json.loads(runner.invoke(args=["models", "compare", "--json"]).output)
+    assert (compare["challenger"]["errors"], compare["challenger"]["requests"]) == (1, 1)
+    assert compare["checks"][0]["name"] == "errors" and compare["checks"][0]["verdict"] == "FAIL"
+
+
 def test_a_challenger_that_disagrees_is_rolled_back_automatically_and_the_event_written(
     app, client, runner, other_model_file
 ):
