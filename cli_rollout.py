@@ -98,7 +98,8 @@ def compare_command(as_json: bool) -> None:
     if result is None:
         click.echo("no challenger: start one with `flask models shadow ID` or `flask models canary ID --share 5`")
         return
-    click.echo(f"{result['mode']} (share {result['share']:g}%) since {result['window_start']}")
+    part = f"share {result['share']:g}%" if result["mode"] == "canary" else f"sample {result['sample']:g}"
+    click.echo(f"{result['mode']} ({part}) since {result['window_start']}")
     for role in ("champion", "challenger"):
         click.echo(f"{role:<10} {_summary_line(result[role])}")
     paired = result["paired"]

@@ -431,6 +431,7 @@ def comparison(state: RolloutState, champion_id: int, answers: list[Answer], obs
     return {
         "mode": state.mode,
         "share": state.share,
+        "sample": state.sample,
         "window_start": state.window_start.isoformat() if state.window_start else None,
         "champion": {"id": champion_id, **champion.summary()},
         "challenger": {"id": state.challenger_id, **challenger.summary()},

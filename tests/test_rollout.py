@@ -59,6 +59,8 @@ def test_activate_is_recorded_and_the_audit_names_who_served(app, runner, other_
     at_before = json.loads(runner.invoke(args=["models", "audit", "--at", before.isoformat(), "--json"]).output)
     now = json.loads(runner.invoke(args=["models", "audit", "--at", datetime.now(UTC).isoformat(), "--json"]).output)
     assert at_before["champion_id"] == 1 and now["champion_id"] == other
+    listed = runner.invoke(args=["models", "audit"]).output
+    assert "activate" in listed and "seed v1 (id 1) -> challenger v1" in listed
     bad = runner.invoke(args=["models", "audit", "--at", "yesterday"])
     assert bad.exit_code != 0 and "not an ISO time" in bad.output
 
@@ -106,6 +108,8 @@ def test_shadow_answers_never_reach_the_person_nor_change_the_history(app, clien
             assert (output.model_id, output.role) == (other, "challenger")
     compare = json.loads(runner.invoke(args=["models", "compare", "--json"]).output)
     assert compare["mode"] == "shadow" and compare["paired"]["requests"] == 6
+    text = runner.invoke(args=["models", "compare"]).output
+    assert "shadow (sample 1)" in text and "paired     6 requests" in text and "confident conflicts  " in text
 
 
 def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
