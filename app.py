@@ -34,6 +34,7 @@ from web import (
     pages,
     privacy,
     prometheus,
+    rollout_pages,
     sessions,
 )
 
@@ -128,7 +129,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     sessions.init_app(app)
     privacy.init_app(app)
     prometheus.init_app(app)
-    for blueprint in (auth.bp, pages.bp, label.bp, api.bp, ops.bp, monitoring.bp):
+    for blueprint in (auth.bp, pages.bp, label.bp, api.bp, ops.bp, monitoring.bp, rollout_pages.bp):
         app.register_blueprint(blueprint)
     errors.init_app(app, api.API_PREFIX)
     app.after_request(_security_headers)

@@ -9,6 +9,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
+import cli_rollout
 import model_store
 from cli_accounts import COMMANDS as ACCOUNT_COMMANDS
 from cli_drift import drift_group, store_reference_file
@@ -22,11 +23,14 @@ from monitoring import store as drift_store
 from monitoring.reference import REFERENCE_FILE
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
 from registry import metrics_schema
+from rollout import state as rollout_state
 from serving import Upload, clean_filename, spec_of
 from web.extensions import model_serving
 
 models_group = AppGroup(
-    "models", help="The model registry: import, list, activate, export, delete, check, upgrade-files."
+    "models",
+    help="The model registry: import, list, activate, export, delete, check, upgrade-files; champion and "
+    "challenger: shadow, canary, promote, rollback, compare, audit.",
 )
 
 
@@ -92,6 +96,8 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
         )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
+    if row.is_active:
+        rollout_state.record_activation(row, cli_rollout.actor(), "imported as the active version")
     state = "active" if row.is_active else "inactive"
     click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
     if path.with_name(REFERENCE_FILE).is_file():
@@ -121,9 +127,9 @@ def list_command() -> None:
 @models_group.command("activate")
 @click.argument("model_id", type=int)
 def activate_command(model_id: int) -> None:
-    """Make a version the active one; running servers pick it up without a restart."""
+    """Make a version the champion at once (recorded; any challenger ends); servers follow without a restart."""
     try:
-        row = model_store.activate(model_id)
+        row = rollout_state.activate(model_id, cli_rollout.actor())
     except ModelStoreError as exc:
         _fail(str(exc))
     click.echo(f"model {row.id} ({row.name} v{row.version}) is now active")
@@ -298,6 +304,8 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
 
 def register_commands(app: Flask) -> None:
     """Attach the commands to `flask --app app`."""
+    for command in cli_rollout.COMMANDS:
+        models_group.add_command(command)
     for command in (
         init_db_command,
         models_group,

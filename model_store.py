@@ -299,7 +299,7 @@ def import_model(
         if calibration_record:
             _put_calibration(row.id, calibration_record)
         if activate or get_active() is None:
-            _set_active(row)
+            set_active(row)
     return row
 
 
@@ -370,7 +370,9 @@ def _put_calibration(model_id: int, record: dict) -> None:
     db.session.add(row)
 
 
-def _set_active(row: ModelVersion) -> None:
+def set_active(row: ModelVersion) -> None:
+    """Flag `row` active and clear the previous one, in the caller's transaction (the rollout
+    state changes champions this way, with its event in the same commit)."""
     current = get_active()
     if current is not None and current.id != row.id:
         current.is_active = False
@@ -383,7 +385,7 @@ def activate(model_id: int) -> ModelVersion:
     row = get_model(model_id)
     verify(row)
     with _transaction():
-        _set_active(row)
+        set_active(row)
     return row
 
 

@@ -372,6 +372,8 @@ class Classification:
     images: list[ClassifiedImage]
     elapsed_ms: float
     no_explanation: str | None = None
+    # The decoded uploads, for a second model scoring them off the response path (web/rollout.py).
+    decoded: Sequence[DecodedUpload] = ()
 
 
 # Pixels one request may decode, all images together. A JPEG counts at its draft scale (a

@@ -1,4 +1,5 @@
-"""Several app instances on one PostgreSQL server: what one activates, the other serves.
+"""Several app instances on one PostgreSQL server: what one activates, the other serves; a
+canary started and rolled back from one instance's CLI is followed by both.
 
 Runs where TEST_DATABASE_URL points at PostgreSQL (CI starts one with .ci/start-postgres);
 elsewhere it is skipped with that reason shown.
@@ -55,6 +56,24 @@ def wait_for(predicate, timeout: float = 60.0):
     raise AssertionError("timed out waiting")
 
 
+def flask(env: dict, tmp_path: Path, *args: str) -> None:
+    """Run a `flask` command as the operator does, through instance one's configuration."""
+    cli = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", *args],
+        cwd=ROOT,
+        env={**env, "INSTANCE_PATH": str(tmp_path / "one")},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+
+
+def challenger_at(port: int) -> int | None:
+    """The id of the model an instance holds in its challenger slot (None: none)."""
+    slot = get_json(f"http://127.0.0.1:{port}/healthz")[1]["slots"].get("challenger") or {}
+    return (slot.get("model") or {}).get("id")
+
+
 def test_two_instances_share_one_registry(app, tmp_path, other_model_file):
     env = {**os.environ, "DATABASE_URL": POSTGRES_URL, "FLASK_MODEL_POLL_SECONDS": "0.5", **gunicorn_user_env()}
     servers, ports = [], []
@@ -76,31 +95,19 @@ def test_two_instances_share_one_registry(app, tmp_path, other_model_file):
             status, body = wait_for(lambda p=port: get_json(f"http://127.0.0.1:{p}/healthz"))
             assert status == 200 and body["model"]["name"] == "seed"
         # The operator imports and activates a model through instance one's CLI...
-        cli = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flask",
-                "--app",
-                "app",
-                "models",
-                "import",
-                str(other_model_file),
-                "--name",
-                "shared",
-                "--activate",
-            ],
-            cwd=ROOT,
-            env={**env, "INSTANCE_PATH": str(tmp_path / "one")},
-            capture_output=True,
-            text=True,
-        )
-        assert cli.returncode == 0, cli.stderr
+        flask(env, tmp_path, "models", "import", str(other_model_file), "--name", "shared", "--activate")
         # ...and instance two serves it, without a restart.
         for port in reversed(ports):
             wait_for(lambda p=port: get_json(f"http://127.0.0.1:{p}/healthz")[1]["model"]["name"] == "shared")
             status, body = get_json(f"http://127.0.0.1:{port}/api/v1/predict", image_bytes(), "image/jpeg")
             assert status == 200 and body["model"]["name"] == "shared"
+        # A canary of the seed, then its rollback: both instances load and drop the challenger.
+        flask(env, tmp_path, "models", "canary", "1", "--share", "50")
+        for port in ports:
+            wait_for(lambda p=port: challenger_at(p) == 1)
+        flask(env, tmp_path, "models", "rollback", "--reason", "test")
+        for port in ports:
+            wait_for(lambda p=port: challenger_at(p) is None)
     finally:
         for server in servers:
             server.terminate()

@@ -9,6 +9,7 @@ from flask import current_app, request
 
 import prediction_history
 from serving import Classification, LoadedModel, Upload, clean_filename
+from web import rollout
 from web.auth import current_viewer
 from web.errors import WebError
 from web.extensions import model_serving
@@ -39,17 +40,18 @@ def uploads_from_request(field: str = "image") -> list[Upload]:
 
 
 def classify_request(source: str, thumbnails: bool, explain_side: int = 0) -> tuple[LoadedModel, Classification]:
-    """Classify the request's images with the champion; each image carries its history id
+    """Classify the request's images with the version that answers them; each image carries its history id
     once recorded. Thumbnails are made when asked or when the history keeps them; with
     `explain_side`, saliency maps of the top classes too."""
     config = current_app.config
     uploads = uploads_from_request()
     keep_images = bool(config["KEEP_IMAGES"])
-    loaded = model_serving.slot()
     side = THUMBNAIL_SIDE if thumbnails or keep_images else 0
-    result = model_serving.classify(uploads, loaded, side, explain_side)
+    # The champion answers, or a canary's challenger for its share of images (web/rollout.py).
+    loaded, result, route = rollout.classify(model_serving, uploads, side, explain_side)
     if config["RECORD_HISTORY"]:
         owner = current_viewer(create_session=True)
         recorded = prediction_history.record(result.images, loaded, source, keep_images, owner)
         result = replace(result, images=recorded)
+    rollout.follow_up(route, result)
     return loaded, result

@@ -29,6 +29,7 @@ from flask_wtf.csrf import CSRFProtect
 import database
 import serving
 from serving import CHAMPION, BatchingConfig, DecodeBudget, DecodedUpload, LoadedModel, ModelSlots, RegistryPoller
+from web import rollout
 from web.errors import WebError
 
 csrf = CSRFProtect()
@@ -58,7 +59,8 @@ class ModelServing:
         batching = BatchingConfig(
             bool(config["BATCHING_ENABLED"]), int(config["BATCH_MAX_SIZE"]), float(config["BATCH_MAX_WAIT_MS"])
         )
-        slots = ModelSlots(Path(config["MODEL_CACHE_DIR"]), batching)
+        # The rollout's plan (web/rollout.py) is read in the same poll as the slots' versions.
+        slots = ModelSlots(Path(config["MODEL_CACHE_DIR"]), batching, app.extensions["rollout"].assignments)
         poll_seconds = float(config["MODEL_POLL_SECONDS"])
         poller = RegistryPoller(lambda: self.refresh(app), poll_seconds) if poll_seconds > 0 else None
         app.extensions["model_serving"] = AppServing(
@@ -111,14 +113,20 @@ class ModelServing:
         return serving.decode_uploads(uploads, sizes, self.budget, thumbnail_side, explain_side)
 
     def classify(
-        self, uploads: list[serving.Upload], loaded: LoadedModel, thumbnail_side: int = 0, explain_side: int = 0
+        self,
+        uploads: list[serving.Upload],
+        loaded: LoadedModel,
+        thumbnail_side: int = 0,
+        explain_side: int = 0,
+        companions: Iterable[LoadedModel] = (),
     ) -> serving.Classification:
         """Decode the uploads and answer with `loaded`, timed; with `explain_side`, saliency maps
-        of the top classes drawn over the photo at most `explain_side` pixels a side."""
+        of the top classes drawn over the photo at most `explain_side` pixels a side. The uploads
+        are decoded for the `companions` too, which score them later off the response path."""
         started = time.perf_counter()
-        decoded = self.decode(uploads, [loaded], thumbnail_side, explain_side)
+        decoded = self.decode(uploads, [loaded, *companions], thumbnail_side, explain_side)
         images, no_explanation = serving.answer(decoded, loaded, explain=bool(explain_side))
-        return serving.Classification(images, (time.perf_counter() - started) * 1000, no_explanation)
+        return serving.Classification(images, (time.perf_counter() - started) * 1000, no_explanation, decoded)
 
     def explain_image(self, loaded: LoadedModel, data: bytes, class_name: str, side: int) -> serving.Saliency:
         """The saliency map of one class for one image's bytes."""
@@ -173,4 +181,5 @@ def init_app(app: Flask) -> None:
     csrf.init_app(app)
     limiter.init_app(app)
     login_manager.init_app(app)
+    rollout.init_app(app)
     model_serving.init_app(app)

@@ -25,6 +25,7 @@ from web.errors import describe, html_error
 from web.extensions import model_serving
 from web.limits import explain_limit, predict_limit
 from web.privacy import no_store
+from web.rollout_pages import rollout_view
 
 bp = Blueprint("pages", __name__)
 bp.before_request(require_page_login)
@@ -153,7 +154,7 @@ def forget_history():
 
 @bp.get("/models")
 def models():
-    return render_template("models.html", models=model_store.list_models())
+    return render_template("models.html", models=model_store.list_models(), rollout=rollout_view(is_operator()))
 
 
 @bp.get(f"/models/<int(max={MAX_ID}):model_id>")

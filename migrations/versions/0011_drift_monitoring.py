@@ -1,7 +1,7 @@
 """drift monitoring: each model's drift reference, per-prediction drift samples, closed windows
 
 Revision ID: 0011
-Revises: 0008
+Revises: 0010
 Create Date: 2026-12-02 21:00:00
 
 A model's reference (fitted beside its calibration on the same held-out images) is a safetensors
@@ -15,7 +15,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = "0011"
-down_revision = "0008"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
