@@ -4,8 +4,9 @@ TEST_DATABASE_URL is set), and tiny real Keras models saved as the seed saves it
 The migrations run and the seed-like model is imported once per test session, into a template;
 each test that asks for `app` starts from a copy of it (SQLite: the file copied; PostgreSQL: the
 tables emptied and the template's rows put back), the same state the migrations and the import
-would give, without paying for them in every test. Every test that builds the app is marked `db`:
-`make test` runs those, and only those, again on PostgreSQL.
+would give, without paying for them in every test. Every test that builds the app is marked `db`
+unless it is marked `backend_independent(reason)`: `make test` runs the `db` tests, and only those,
+again on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ BASE_CONFIG = {
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app)."""
+    """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app),
+    unless it is marked `backend_independent` with the reason its outcome cannot depend on which
+    database the app runs on (the rule: docs/testing.md, "Which tests run twice")."""
     for item in items:
-        if "make_app" in getattr(item, "fixturenames", ()):
+        if "make_app" not in getattr(item, "fixturenames", ()):
+            continue
+        independent = item.get_closest_marker("backend_independent")
+        if independent is None:
             item.add_marker(pytest.mark.db)
+        elif not (independent.args and isinstance(independent.args[0], str) and independent.args[0].strip()):
+            raise pytest.UsageError(f"{item.nodeid}: backend_independent needs the reason the database cannot matter")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 pytestmark = [
     pytest.mark.slow,  # gunicorn and a browser
+    pytest.mark.backend_independent(
+        "the pages' markup and script in a browser: the queries behind them run on PostgreSQL in "
+        "test_predictions, test_accounts, test_decisions and test_explain, gunicorn on it in test_postgres"
+    ),
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(), reason="no Chromium at /usr/bin/chromium (apt-get install chromium)"
     ),

@@ -18,6 +18,10 @@ from model_store import ModelStoreError
 from registry import model_formats
 
 ISOLATED = ImportLimits(isolated=True)
+pytestmark = pytest.mark.backend_independent(
+    "the import child never opens the database; what the parent stores or exports after it is the "
+    "in-process import's and export's, which test_model_store and test_cli run on PostgreSQL"
+)
 
 
 def refused(app, path, limits) -> str:
