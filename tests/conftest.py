@@ -43,9 +43,9 @@ BASE_CONFIG = {
 
 def pytest_collection_modifyitems(items) -> None:
     """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app;
-    module_app builds one for a whole module),
-    unless it is marked `backend_independent` with the reason its outcome cannot depend on which
-    database the app runs on (the rule: docs/testing.md, "Which tests run twice")."""
+    module_app builds one for a whole module), unless it is marked `backend_independent` with the
+    reason its outcome cannot depend on which database the app runs on (the rule: docs/testing.md,
+    "Which tests run twice")."""
     for item in items:
         if not {"make_app", "module_app"} & set(getattr(item, "fixturenames", ())):
             continue
