@@ -71,7 +71,7 @@ test: lint
 		echo "== PostgreSQL run skipped: TEST_DATABASE_URL is not set (.ci/run starts a server with .ci/start-postgres)"; \
 	fi
 
-## test-fast: lint, then the suite on SQLite without the slow tests (training, gunicorn, browser)
+## test-fast: lint, then the suite on SQLite without the slow tests (training, gunicorn, nginx, browser, TensorFlow children)
 test-fast: lint
 	env -u TEST_DATABASE_URL $(PY) -m pytest -q -m "not slow"
 

@@ -44,9 +44,13 @@ def time_target(target: str, folder: Path) -> dict:
 
 
 def export_revision(revision: str, into: Path) -> Path:
-    """The tree of `revision` in `into`, with this tree's virtual environment linked in."""
-    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    """A checkout of `revision` in `into`, with this tree's virtual environment linked in. A
+    clone, not an archive: the sandbox tests expect the source folder to hold `.git`."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(ROOT), str(into)], check=True)
+    subprocess.run(["git", "-C", str(into), "checkout", "--quiet", "--detach", commit], check=True)
     (into / ".venv").symlink_to((ROOT / ".venv").resolve())
     return into
 

@@ -4,15 +4,16 @@ TEST_DATABASE_URL is set), and tiny real Keras models saved as the seed saves it
 The migrations run and the seed-like model is imported once per test session, into a template;
 each test that asks for `app` starts from a copy of it (SQLite: the file copied; PostgreSQL: the
 tables emptied and the template's rows put back), the same state the migrations and the import
-would give, without paying for them in every test. Every test that builds the app is marked `db`:
-`make test` runs those, and only those, again on PostgreSQL.
+would give, without paying for them in every test. Every test that builds the app is marked `db`
+unless it is marked `backend_independent(reason)`: `make test` runs the `db` tests, and only those,
+again on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,18 @@ BASE_CONFIG = {
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app)."""
+    """Mark `db` every test that builds the app (make_app is under app, client, runner, bare_app;
+    module_app builds one for a whole module), unless it is marked `backend_independent` with the
+    reason its outcome cannot depend on which database the app runs on (the rule: docs/testing.md,
+    "Which tests run twice")."""
     for item in items:
-        if "make_app" in getattr(item, "fixturenames", ()):
+        if not {"make_app", "module_app"} & set(getattr(item, "fixturenames", ())):
+            continue
+        independent = item.get_closest_marker("backend_independent")
+        if independent is None:
             item.add_marker(pytest.mark.db)
+        elif not (independent.args and isinstance(independent.args[0], str) and independent.args[0].strip()):
+            raise pytest.UsageError(f"{item.nodeid}: backend_independent needs the reason the database cannot matter")
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +180,7 @@ def make_app(request, tmp_path) -> Callable[..., Flask]:
     built: list[Flask] = []
 
     def build(instance: str = "instance", **overrides) -> Flask:
-        config = {**BASE_CONFIG, "INSTANCE_PATH": str(tmp_path / instance), "SQLALCHEMY_DATABASE_URI": database_uri}
-        app = create_app({**config, **overrides})
+        app = _build_app(tmp_path / instance, database_uri, **overrides)
         if POSTGRES_URL and not built and not seeded:
             with app.app_context():
                 _drop_everything(db.engine)
@@ -180,10 +188,35 @@ def make_app(request, tmp_path) -> Callable[..., Flask]:
         return app
 
     yield build
-    for app in built:  # close each app's pooled connections now, not when the collector finds them
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+    for app in built:
+        _close(app)
+
+
+def _build_app(instance: Path, database_uri: str, **overrides) -> Flask:
+    config = {**BASE_CONFIG, "INSTANCE_PATH": str(instance), "SQLALCHEMY_DATABASE_URI": database_uri}
+    return create_app({**config, **overrides})
+
+
+def _close(app: Flask) -> None:
+    """Close the app's pooled connections now, not when the collector finds them."""
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def module_app(seeded_template, tmp_path_factory) -> Iterator[Flask]:
+    """Like `app`, but one for all the tests of a module, for what is costly to start per test (a
+    server, a browser): the seeded template copied and served once. The module's tests see each
+    other's rows and settings, so each must hold whatever state the others leave; a module that
+    uses it uses neither `app` nor `make_app` (on PostgreSQL they would reset its tables)."""
+    folder = tmp_path_factory.mktemp("module")
+    database_uri = POSTGRES_URL or f"sqlite:///{folder / 'test.sqlite'}"
+    seeded_template.copy_to(database_uri)
+    app = _build_app(folder / "instance", database_uri)
+    serve_registry(app)
+    yield app
+    _close(app)
 
 
 @pytest.fixture

@@ -10,6 +10,10 @@ from helpers import CIFAR10, image_bytes, random_image_bytes, serve_registry
 
 import model_store
 
+# Tests of request handling (statuses, error bodies, headers, escaping, CSRF, the model's answer):
+# an accepted image is recorded as every prediction is (test_predictions checks that on PostgreSQL).
+REQUEST_HANDLING = pytest.mark.backend_independent("request handling; recording is test_predictions'")
+
 
 def post_page(client, *files):
     data = {"image": [(io.BytesIO(content), name) for name, content in files]}
@@ -51,6 +55,7 @@ def test_page_shows_the_class_probability_and_all_ranked_bars(client):
         ([("half.png", random_image_bytes(size=(64, 64))[:200])], 400, "corrupt or truncated"),
     ],
 )
+@REQUEST_HANDLING
 def test_page_errors_come_back_on_the_form(client, files, status, message):
     response = post_page(client, *files)
     html = response.get_data(as_text=True)
@@ -59,6 +64,7 @@ def test_page_errors_come_back_on_the_form(client, files, status, message):
     assert "Traceback" not in html
 
 
+@REQUEST_HANDLING
 def test_page_too_large_is_413(app, client):
     app.config["MAX_CONTENT_LENGTH"] = 10_000
     response = post_page(client, ("big.png", random_image_bytes(size=(200, 200))))
@@ -66,6 +72,7 @@ def test_page_too_large_is_413(app, client):
     assert "too large" in response.get_data(as_text=True)
 
 
+@REQUEST_HANDLING
 def test_user_file_names_are_escaped(client):
     response = post_page(client, ("<img src=x onerror=alert(1)>.png", image_bytes("PNG")))
     html = response.get_data(as_text=True)
@@ -87,6 +94,7 @@ def test_api_predict_multipart_batch(client):
         assert prediction["probability"] == prediction["probabilities"][prediction["top_class"]]
 
 
+@REQUEST_HANDLING
 def test_api_batch_equals_one_by_one(client):
     contents = [random_image_bytes(seed) for seed in range(5)]
     data = {"image": [(io.BytesIO(c), f"{i}.png") for i, c in enumerate(contents)]}
@@ -100,6 +108,7 @@ def test_api_batch_equals_one_by_one(client):
         )
 
 
+@REQUEST_HANDLING
 def test_api_raw_body_and_top_k(client):
     response = client.post("/api/v1/predict?top_k=3&filename=x.png", data=image_bytes("PNG"), content_type="image/png")
     prediction = response.get_json()["predictions"][0]
@@ -118,6 +127,7 @@ def test_api_raw_body_and_top_k(client):
         ({"data": image_bytes(), "content_type": "image/jpeg", "query_string": {"top_k": "0"}}, 400, "bad_top_k"),
     ],
 )
+@REQUEST_HANDLING
 def test_api_errors_are_json(client, kwargs, status, code):
     response = client.post("/api/v1/predict", **kwargs)
     assert response.status_code == status
@@ -125,6 +135,7 @@ def test_api_errors_are_json(client, kwargs, status, code):
     assert response.get_json()["error"]["message"]
 
 
+@REQUEST_HANDLING
 def test_api_unknown_route_and_method_are_json(client):
     missing = client.get("/api/v1/nothing")
     assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "not_found"
@@ -135,6 +146,7 @@ def test_api_unknown_route_and_method_are_json(client):
     assert set(wrong_method.headers["Allow"].split(", ")) == {"OPTIONS", "POST"}
 
 
+@REQUEST_HANDLING
 def test_page_unknown_route_and_method_are_html(client):
     for response, status in ((client.get("/nothing"), 404), (client.post("/history"), 405)):
         assert response.status_code == status and response.mimetype == "text/html"
@@ -193,6 +205,7 @@ def test_rehydrated_file_lands_in_the_instance_folder(app, client):
     assert [p.name for p in cache.iterdir()] == expected
 
 
+@REQUEST_HANDLING
 def test_security_headers(client):
     headers = client.get("/").headers
     assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
@@ -202,6 +215,7 @@ def test_security_headers(client):
     assert headers["Referrer-Policy"] == "same-origin"
 
 
+@REQUEST_HANDLING
 def test_csrf_protects_the_form_but_not_the_api(app, client):
     app.config["WTF_CSRF_ENABLED"] = True
     response = post_page(client, ("x.jpg", image_bytes()))

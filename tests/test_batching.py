@@ -23,6 +23,11 @@ def tagged(request_id: int, count: int) -> np.ndarray:
     return images
 
 
+pytestmark = pytest.mark.backend_independent(
+    "the batched answers and the Prometheus counters; recording the predictions is test_predictions'"
+)
+
+
 def test_every_request_gets_exactly_its_own_rows():
     sizes = []
     batcher = MicroBatcher(row_ids, max_batch=16, max_wait_ms=5, on_batch=sizes.append)

@@ -18,6 +18,11 @@ from inference import explain
 from predictor import ModelSpec
 from registry.model_spec import CIFAR10_CLASSES
 
+# Tests of the maps in the API's answer: the model's arithmetic and the answer's shape. The rows
+# behind them (a model's metrics, a recorded prediction) are test_model_store's and
+# test_predictions' on PostgreSQL; the pages that read a recorded image back stay marked db.
+MAPS_ONLY = pytest.mark.backend_independent("the maps in the API's answer; their rows are other tests'")
+
 DATA_URI = re.compile(r"^data:image/png;base64,([A-Za-z0-9+/=]+)$")
 
 
@@ -101,6 +106,7 @@ def test_the_map_is_highest_where_the_model_reads():
         assert grid[:4, 4:].mean() > 0.3 and grid[5:, :].max() == 0 and grid[:, :3].max() == 0
 
 
+@MAPS_ONLY
 def test_with_flip_tta_the_map_is_of_the_image_as_sent(make_app, region_model_file):
     # A map of the mirrored view, mirrored back, would be in the top-left quarter.
     client = _app_with(make_app, region_model_file, metrics={"tta": "flip"}).test_client()
@@ -110,6 +116,7 @@ def test_with_flip_tta_the_map_is_of_the_image_as_sent(make_app, region_model_fi
     assert _peak_quadrant(grid) == (0, 1) and grid[:, :3].max() == 0
 
 
+@MAPS_ONLY
 def test_api_explain_adds_the_map_at_the_size_sent_and_the_grid(client):
     response = _post(client, "/api/v1/predict?explain=1", random_image_bytes(2, size=(300, 200)))
     assert response.status_code == 200
@@ -121,6 +128,7 @@ def test_api_explain_adds_the_map_at_the_size_sent_and_the_grid(client):
     assert grid.shape == (15, 15) and grid.min() >= 0 and grid.max() == pytest.approx(1.0)
 
 
+@MAPS_ONLY
 def test_api_bounds_the_overlay_of_a_large_photo(client):
     photo = io.BytesIO()
     Image.new("RGB", (2400, 1200), (90, 140, 60)).save(photo, "JPEG")
@@ -128,6 +136,7 @@ def test_api_bounds_the_overlay_of_a_large_photo(client):
     assert _png(prediction["predictions"][0]["saliency"]).size == (1024, 512)
 
 
+@MAPS_ONLY
 def test_api_without_explain_computes_and_adds_nothing(client, monkeypatch):
     def refuse(*args):
         raise AssertionError("a map was computed without explain")
@@ -147,6 +156,7 @@ def test_api_without_explain_computes_and_adds_nothing(client, monkeypatch):
         }
 
 
+@MAPS_ONLY
 def test_api_refuses_an_unclear_explain_value(client):
     response = _post(client, "/api/v1/predict?explain=maybe", random_image_bytes(5))
     assert response.status_code == 400 and response.get_json()["error"]["code"] == "bad_explain"
@@ -188,6 +198,7 @@ def test_the_map_credits_the_cells_a_max_pooled_head_read():
     assert by_channel[0, 0] < by_channel.max()
 
 
+@MAPS_ONLY
 def test_a_layer_named_in_the_metadata_is_explained(make_app, seed_model_file):
     conv = model_store.load_keras_model(seed_model_file, allow_hdf5=True).layers[0].name
     client = _app_with(make_app, seed_model_file, metrics={"explain_layer": conv}).test_client()
@@ -196,6 +207,7 @@ def test_a_layer_named_in_the_metadata_is_explained(make_app, seed_model_file):
     assert np.asarray(answer["predictions"][0]["saliency_grid"]).shape == (30, 30)
 
 
+@MAPS_ONLY
 def test_a_missing_named_layer_says_so(make_app, seed_model_file):
     client = _app_with(make_app, seed_model_file, metrics={"explain_layer": "nope"}).test_client()
     answer = _post(client, "/api/v1/predict?explain=1", random_image_bytes(8)).get_json()

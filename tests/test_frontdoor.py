@@ -134,6 +134,7 @@ def child_uids(parent: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.backend_independent("nginx's limits, buffers and headers; gunicorn on PostgreSQL is test_postgres's")
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (.ci/run installs it)")
 def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path, monkeypatch):
     # Started as root, the workers run as nobody: the instance folder and its database must be

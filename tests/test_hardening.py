@@ -34,6 +34,10 @@ from predictor import softmax
 from registry.model_spec import CIFAR10_CLASSES
 from web.extensions import model_serving
 
+# Tests of decoding and refusing uploads: a refused one is refused before any query, and an
+# accepted one is recorded as every prediction is (test_predictions checks that on PostgreSQL).
+DECODING_ONLY = pytest.mark.backend_independent("decoding and refusing uploads; recording is test_predictions'")
+
 
 def animated_gif() -> bytes:
     """Three frames of different random pixels, so that each frame gets its own answer."""
@@ -67,6 +71,7 @@ HOSTILE_FILES = {
 
 @pytest.mark.parametrize("case", HOSTILE_FILES, ids=list(HOSTILE_FILES))
 @pytest.mark.parametrize("route", ["/", "/api/v1/predict"])
+@DECODING_ONLY
 def test_hostile_files_get_a_clear_4xx_and_the_next_request_works(client, case, route):
     name, data, status = HOSTILE_FILES[case]
     response = client.post(route, data={"image": [(io.BytesIO(data), name)]}, content_type="multipart/form-data")
@@ -96,6 +101,7 @@ def reset_peak_rss() -> int:
     return peak_rss_kb()
 
 
+@DECODING_ONLY
 def test_bomb_is_refused_before_any_large_allocation(client):
     assert client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg").status_code == 200
     baseline = reset_peak_rss()  # the model is loaded and warm: what follows is the bomb's alone
@@ -105,6 +111,7 @@ def test_bomb_is_refused_before_any_large_allocation(client):
     assert growth < 100_000, f"peak memory rose by {growth / 1024:.0f} MB"  # decoding it would take 7.5 GB
 
 
+@DECODING_ONLY
 def test_animated_gif_uses_its_first_frame(client):
     def probabilities(data: bytes, content_type: str) -> list[float]:
         response = client.post("/api/v1/predict", data=data, content_type=content_type)
@@ -147,11 +154,13 @@ def test_strange_file_names_are_cleaned_and_nothing_is_written(app, client, name
     ],
     ids=["zero-byte", "no-content-type", "octet-stream", "missing-field", "empty-image-body"],
 )
+@DECODING_ONLY
 def test_wrong_or_missing_content_type_and_fields(client, kwargs, status):
     response = client.post("/api/v1/predict", **kwargs)
     assert response.status_code == status and response.get_json()["error"]["message"]
 
 
+@DECODING_ONLY
 def test_too_many_images_is_413(app, client):
     app.config["MAX_IMAGES_PER_REQUEST"] = 2
     files = [(io.BytesIO(image_bytes()), f"{i}.jpg") for i in range(3)]
@@ -161,6 +170,7 @@ def test_too_many_images_is_413(app, client):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=4096))
+@DECODING_ONLY
 def test_arbitrary_bytes_never_cause_a_500(client, data):
     response = client.post("/api/v1/predict", data=data, content_type="image/jpeg")
     assert 200 <= response.status_code < 500
@@ -193,6 +203,7 @@ def served_with_probabilities_summing_to_one(client, data: bytes, fmt: str) -> b
     return abs(sum(probabilities.values()) - 1) < 1e-4
 
 
+@DECODING_ONLY
 def test_every_mode_and_format_pillow_writes_is_served(client):
     """Each of the 48 pairs once: Pillow refuses exactly the unwritable ones, the app serves the rest."""
     refused, not_served = set(), set()
@@ -215,6 +226,7 @@ def test_every_mode_and_format_pillow_writes_is_served(client):
     fmt=st.sampled_from(IMAGE_FORMATS),
     seed=st.integers(0, 2**16),
 )
+@DECODING_ONLY
 def test_any_valid_image_gets_probabilities_summing_to_one(client, width, height, mode, fmt, seed):
     # A rejected pair is replaced by a new example, so all 30 examples are uploads.
     assume((mode, fmt) not in UNWRITABLE)
@@ -442,6 +454,7 @@ def test_deleting_a_model_keeps_its_history_unlinked(app, client, other_model_fi
         assert (row.model_id, row.model_name) == (None, "other")
 
 
+@DECODING_ONLY
 def test_the_api_refuses_cross_site_browser_posts(client):
     def post(headers):
         return client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg", headers=headers)

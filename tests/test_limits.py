@@ -20,6 +20,9 @@ from prediction_history import HistoryEntry
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.backend_independent(
+    "the limiter counts in memory or in Redis, never in the database; a refused request records nothing"
+)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import classify, image_bytes, serve_registry
 from PIL import Image
 from sqlalchemy import text
@@ -86,6 +87,7 @@ def test_a_second_app_in_one_process_keeps_the_first_ones_sqlite_locks(make_app,
         assert Path(f"{database}-wal").exists()  # still this process's, not checkpointed away
 
 
+@pytest.mark.backend_independent("request handling; recording is test_predictions'")
 def test_large_uploads_stay_in_memory(app, client, monkeypatch):
     spilled = []
     real_temporary_file = tempfile.TemporaryFile
@@ -131,6 +133,7 @@ def test_hosts_outside_trusted_hosts_are_refused_against_dns_rebinding(make_app,
     assert configured.get("/healthz", headers={"Host": "evil.example.org"}).status_code == 400
 
 
+@pytest.mark.backend_independent("request handling; recording is test_predictions'")
 def test_forms_post_over_https_with_csrf_and_the_referrer_policy(make_app, seed_model_file):
     app = make_app(WTF_CSRF_ENABLED=True)
     with app.app_context():
@@ -153,6 +156,7 @@ def test_forms_post_over_https_with_csrf_and_the_referrer_policy(make_app, seed_
     assert "top-class" in response.get_data(as_text=True)
 
 
+@pytest.mark.backend_independent("request handling; recording is test_predictions'")
 def test_session_cookie_is_httponly_lax_and_secure_over_https(app):
     http_cookie = classify(app.test_client(), image_bytes()).headers["Set-Cookie"]
     assert "HttpOnly" in http_cookie and "SameSite=Lax" in http_cookie and "Secure" not in http_cookie

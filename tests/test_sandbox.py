@@ -18,6 +18,10 @@ from model_store import ModelStoreError
 from registry import model_formats
 
 ISOLATED = ImportLimits(isolated=True)
+pytestmark = pytest.mark.backend_independent(
+    "the import child never opens the database; what the parent stores or exports after it is the "
+    "in-process import's and export's, which test_model_store and test_cli run on PostgreSQL"
+)
 
 
 def refused(app, path, limits) -> str:
@@ -202,6 +206,7 @@ def test_an_import_is_refused_when_the_sandbox_cannot_start(app, monkeypatch):
     assert "the import sandbox could not start" in message and "MODEL_IMPORT_CONFINE=false" in message
 
 
+@pytest.mark.slow  # TensorFlow in a child process, as the good import above
 def test_export_to_h5_is_written_in_the_child_and_loads_in_plain_keras(app, seed_model_file, tmp_path):
     import keras
     import numpy as np

@@ -152,13 +152,27 @@ def test_seed_architecture_and_evaluate_command(tiny_folder, tmp_path, capsys):
     assert report["test"]["accuracy"] == pytest.approx(written["test_accuracy"])
 
 
+@pytest.fixture(scope="module")
+def seed_runs(tiny_folder, tmp_path_factory) -> dict:
+    """Two runs of the seed network with the same random seed, two epochs each (the second
+    epoch's shuffle is seeded too); the second also stores its model with --import, in a
+    registry of its own, so that one run serves both tests below."""
+    root = tmp_path_factory.mktemp("seed-runs")
+    registry = {"INSTANCE_PATH": str(root / "instance"), "DATABASE_URL": f"sqlite:///{root / 'registry.sqlite'}"}
+    plain = quick_args(tiny_folder, root / "a", "--arch", "seed", "--epochs", "2")
+    imported = quick_args(tiny_folder, root / "b", "--arch", "seed", "--epochs", "2", "--import", "--name", "colours")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in registry.items():
+            patch.setenv(name, value)
+        assert train.main(plain) == 0 and train.main(imported) == 0
+    return {"runs": [root / "a", root / "b"], "registry": registry}
+
+
 @pytest.mark.slow
-def test_same_random_seed_gives_the_same_run(tiny_folder, tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        train.main(quick_args(tiny_folder, tmp_path / name, "--arch", "seed", "--epochs", "2"))
-        runs.append(json.loads((tmp_path / name / "metrics.json").read_text())["history"]["loss"])
-    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-3)
+def test_same_random_seed_gives_the_same_run(seed_runs):
+    losses = [json.loads((run / "metrics.json").read_text())["history"]["loss"] for run in seed_runs["runs"]]
+    assert len(losses[0]) == 2
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
 
 
 def test_recipe_flags_override_the_architectures_defaults():
@@ -168,11 +182,9 @@ def test_recipe_flags_override_the_architectures_defaults():
 
 
 @pytest.mark.slow
-def test_import_flag_stores_and_activates_the_model(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'registry.sqlite'}")
-    out = tmp_path / "imported"
-    assert train.main(quick_args(tiny_folder, out, "--arch", "seed", "--import", "--name", "colours")) == 0
+def test_import_flag_stores_and_activates_the_model(seed_runs, monkeypatch):
+    for name, value in seed_runs["registry"].items():
+        monkeypatch.setenv(name, value)
     with open_database():
         row = model_store.get_active()
         assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
