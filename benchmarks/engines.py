@@ -157,7 +157,7 @@ def child(kind: str, directory: Path) -> None:
         from predictor import Predictor
 
         model = keras.saving.load_model(config["model"], compile=False, safe_mode=True)
-        answer = np.asarray(Predictor(model, spec, feature_layers=config["layers"])._infer(batch)[0])
+        answer = np.asarray(Predictor(model, spec, feature_layers=config["layers"])._forward(batch)[0])
     answered = time.perf_counter() - started
     print(
         json.dumps(
@@ -200,7 +200,7 @@ def measure(args) -> dict:
     converted = lite_engine.convert(model, layers, explain_layer)
     conversion_s = time.perf_counter() - started
     engine = lite_engine.LiteEngine(converted.tflite, converted.metadata, args.threads)
-    tf_infer = Predictor(model, spec, feature_layers=layers)._infer
+    tf_infer = Predictor(model, spec, feature_layers=layers)._forward
 
     def tf_call(batch):
         return [np.asarray(o) for o in tf_infer(batch)]
