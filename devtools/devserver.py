@@ -59,9 +59,10 @@ def worker_memory_by_pid(master_pid: int, field: str = "Rss") -> dict[int, float
 
 
 class Server:
-    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
+    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder; `root` is the
+    checkout whose code it serves (another commit's, for a before-and-after benchmark)."""
 
-    def __init__(self, instance: Path, workers: int, threads: int, batching: bool):
+    def __init__(self, instance: Path, workers: int, threads: int, batching: bool, root: Path = ROOT):
         self.port = free_port()
         env = dict(os.environ)
         env.update(
@@ -82,7 +83,7 @@ class Server:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
-                cwd=ROOT,
+                cwd=root,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
