@@ -42,10 +42,22 @@ from devtools.machine import cpu_model  # noqa: E402
 
 # The last commit whose workers served with TensorFlow (before the lean engine was wired in).
 DEFAULT_BASELINE = "26b0afc"
-PREPARE = (
-    "import sys; from pathlib import Path; from devtools.devserver import prepare_instance; "
-    "print(prepare_instance(Path(sys.argv[1])))"
-)
+# Both checkouts' code imports the model, with its calibration whole (calibration.safetensors).
+PREPARE = """
+import os, sys, tempfile
+from pathlib import Path
+instance = Path(tempfile.mkdtemp(prefix="bench-instance-"))
+os.environ["INSTANCE_PATH"] = str(instance)
+import model_store
+from app import create_app
+from registry import metrics_schema
+model = Path(sys.argv[1])
+with create_app().app_context():
+    model_store.init_db()
+    metrics = metrics_schema.read_metrics(model.with_name("metrics.json"))
+    model_store.import_model(model, name="bench", metrics=metrics, activate=True)
+print(instance)
+"""
 
 
 def prepared_instance(root: Path, model: Path) -> Path:
