@@ -11,7 +11,6 @@ decoded once into a `DecodedUpload` that any model of a prepared input size can 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +48,10 @@ from web import prometheus
 
 log = logging.getLogger(__name__)
 
-# The engine's XNNPACK threads per model: one request's views use every core.
-ENGINE_THREADS = os.cpu_count() or 1
+# The engine's XNNPACK threads per model. One: gunicorn's workers (one per core) already keep the
+# cores busy with concurrent requests, and a second thread per call, waiting on a core that another
+# worker holds, measured no faster on 2 cores (docs/lite-engine.md, "Threads and batches").
+ENGINE_THREADS = 1
 # The slot that answers requests: the registry's active version.
 CHAMPION = "champion"
 # What identifies a served state in the registry: a version's id, sha256 and calibration time.
