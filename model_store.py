@@ -514,7 +514,10 @@ def upgrade_files(limits: ImportLimits | None = None) -> list[tuple[ModelVersion
         if row.format == STORED_FORMAT and engine_store.covers(row.sha256, tuple(options["feature_layers"])):
             continue
         verify(row)
-        before = row.format if row.format != STORED_FORMAT else "no engine file"
+        if row.format != STORED_FORMAT:
+            before = row.format
+        else:
+            before = "no engine file" if engine_store.get(row.sha256) is None else "no features of its OOD layers"
         described, served, engine = inspect_model_bytes(row.blob, row.filename, limits, options)
         if described["output_width"] != len(row.class_names) or described["input_shape"] != list(row.input_shape):
             raise ModelStoreError(f"model {row.id}: the converted file no longer matches its registry row")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import serve_registry
+from helpers import random_image_bytes, serve_registry
 
 import engine_store
 import model_store
@@ -73,6 +73,46 @@ def test_a_version_without_a_conversion_is_converted_once_by_upgrade_files(app, 
     restarted = make_app(instance="restarted")  # a worker started after the upgrade serves it
     serve_registry(restarted)
     assert restarted.test_client().get("/healthz").status_code == 200
+
+
+def test_a_calibration_on_layers_the_conversion_lacks_is_served_after_upgrade_files(app, make_app, runner, tmp_path):
+    """The conversion answers the block ends' features; a calibration on another layer (here the
+    first of two convolutions at one resolution) is served once `upgrade-files` converts again."""
+    import keras
+    from keras import layers
+
+    from serving import spec_of
+    from training.calibration_fit import calibrate_model
+
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input(shape=(32, 32, 3))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv_b")(x)
+    model = keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling2D()(x)))
+    model.save(tmp_path / "two.keras")
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8), np.arange(120) % 10
+    with app.app_context():
+        row = model_store.import_model(tmp_path / "two.keras", name="two", activate=True)
+        assert engine_store.get(row.sha256).details["feature_layers"] == ["conv_b"]
+        record = calibrate_model(
+            model, spec_of(row), images[:60], labels[:60], images[60:], labels[60:], layers=("conv_a",)
+        )
+        model_store.set_calibration(row.id, record)
+    worker = make_app(instance="worker")
+    serve_registry(worker)
+    health = worker.test_client().get("/healthz")
+    assert (
+        health.status_code == 503
+        and "conv_a" in health.get_json()["error"]
+        and "upgrade-files" in health.get_json()["error"]
+    )
+    result = runner.invoke(args=["models", "upgrade-files"])
+    assert result.exit_code == 0 and "no features of its OOD layers -> safetensors" in result.output, result.output
+    restarted = make_app(instance="restarted")
+    serve_registry(restarted)
+    answer = restarted.test_client().post("/api/v1/predict", data=random_image_bytes(3), content_type="image/png")
+    assert answer.status_code == 200 and answer.get_json()["predictions"][0]["ood_score"] is not None
 
 
 def test_a_conversion_goes_with_the_last_version_of_its_file(app, other_model_file, tmp_path):
