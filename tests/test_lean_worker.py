@@ -1,7 +1,8 @@
 """A web worker serves with the lean engine and never imports TensorFlow: a fresh process (the test
 process has TensorFlow loaded) builds the real app on the test's database, loads the model as a
 worker's poller does, answers a prediction with its heat map, a page, the chosen class's map, the
-model card, the history and the health check, then reports what it imported."""
+model card, the history and the health check, then reports what it imported (neither TensorFlow
+nor, since the heat maps' colours are the module's own, matplotlib)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ for name, path in [("explain", "/predictions/2/explain?class=cat"), ("card", "/m
     answers[name] = client.get(path).status_code
 answers["engine"] = type(app.extensions["model_serving"].slots.slot().explainer).__name__
 model_serving.stop(app)
-answers["imported"] = sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "keras", "tf_keras", "h5py"})
+heavy = {"tensorflow", "keras", "tf_keras", "h5py", "matplotlib"}  # matplotlib: the model card's plots only
+answers["imported"] = sorted({name.split(".")[0] for name in sys.modules} & heavy)
 print(json.dumps(answers))
 """
 
