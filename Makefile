@@ -19,10 +19,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-## db: create the database and import the shipped model when the registry is empty
+## db: create the database, import the shipped model when the registry is empty, convert any version the serving engine has no file of (once)
 db: install
 	$(FLASK) init-db
 	$(FLASK) models import $(DEFAULT_MODEL) --name cifar10-default --if-empty
+	$(FLASK) models upgrade-files
 
 ## run: serve the app with the shipped model on http://$(HOST):$(PORT) (gunicorn, as `serve`)
 run: db

@@ -154,14 +154,21 @@ def export_command(model_id: int, path: Path) -> None:
 @models_group.command("upgrade-files")
 def upgrade_files_command() -> None:
     """Re-save, once, every version stored in an older format (the first .npz file, or .h5 and
-    .keras from before imports were re-saved) as a registry file, in the import sandbox."""
+    .keras from before imports were re-saved) as a registry file, and convert every version the
+    serving engine (LiteRT) has no file of, in the import sandbox. Safe to run again: it then does nothing."""
     try:
         converted = model_store.upgrade_files(ImportLimits.from_config(current_app.config))
     except ModelStoreError as exc:
         _fail(f"upgrade stopped: {exc}")
-    for row, old_format in converted:
-        click.echo(f"model {row.id} ({row.name} v{row.version}): {old_format} -> {row.format}, {row.sha256[:12]}")
-    click.echo(f"{len(converted)} model file(s) upgraded; every version is stored as {model_store.STORED_FORMAT}")
+    for row, before in converted:
+        click.echo(
+            f"model {row.id} ({row.name} v{row.version}): {before} -> {row.format} "
+            f"and the serving engine's file, {row.sha256[:12]}"
+        )
+    click.echo(
+        f"{len(converted)} model(s) upgraded; every version is stored as {model_store.STORED_FORMAT}, "
+        "with its serving engine's file"
+    )
 
 
 @models_group.command("delete")

@@ -20,11 +20,16 @@ The child also re-saves the model it loaded without HDF5 (registry/model_files.p
 what the registry stores: no h5py release compatible with TensorFlow bundles an HDF5 without
 the heap overflows (see requirements.txt), so HDF5 is parsed only here, never in a web worker.
 For the same reason `flask models export ID model.keras|model.h5` writes standard Keras files
-here too (`export_in_child`).
+here too (`export_in_child`). And it converts the model for the serving engine
+(inference/lite_engine.py: a LiteRT file answering the OOD features and the explained feature map
+too, checked against Keras), which the registry stores beside it (engine_store.py), so that a
+web worker never imports TensorFlow.
 
 Run as a script, this module is that child: `python model_sandbox.py FILE OUTPUT MEMORY_BYTES
-CPU_SECONDS FILE_BYTES PROCESSES (NAME MAX_PARAMS | --export)`: it describes FILE and saves the
-registry file to OUTPUT, or writes the registry file FILE as the Keras file OUTPUT. It sets its own
+CPU_SECONDS FILE_BYTES PROCESSES (NAME MAX_PARAMS ENGINE_OPTIONS | --export)`: it describes FILE,
+saves the registry file to OUTPUT and the engine's file beside it (OUTPUT with the suffix
+.tflite; ENGINE_OPTIONS is JSON: `convert_for_engine`'s options), or writes the registry file FILE
+as the Keras file OUTPUT. It sets its own
 limits first (a `preexec_fn` could deadlock when the parent is a threaded web worker).
 """
 
@@ -61,6 +66,7 @@ BWRAP = "bwrap"
 SANDBOX_DIR = "/sandbox"  # the child's working directory inside bubblewrap: the file, its output
 UPLOAD_NAME = "upload"  # the file as the child receives it: it finds the format itself
 SERVED_NAME = "served"
+ENGINE_SUFFIX = ".tflite"  # the engine's file, written beside the served one
 EXPORTED_NAME = "exported"  # + .keras or .h5: Keras picks the writer by the suffix
 UNPRIVILEGED_USER = "nobody"  # whom the child runs as when the parent is root
 # Everything the child's environment holds: nothing of the parent's (tokens, keys, DATABASE_URL).
@@ -138,9 +144,13 @@ def _h5_weight_count(path: Path) -> int:
     return total
 
 
-def describe_model_file(path: Path, filename: str, max_params: int, served_file: Path) -> dict:
-    """Open and load a model file and describe it (format, input shape, output width and kind),
-    then save the loaded model to `served_file` as a registry model file (without HDF5)."""
+def describe_model_file(
+    path: Path, filename: str, max_params: int, served_file: Path, engine_options: dict | None = None
+) -> dict:
+    """Open and load a model file and describe it (format, input shape, output width and kind,
+    and under "engine" the metadata of its conversion for the serving engine), then save the
+    loaded model to `served_file` as a registry model file (without HDF5) and its conversion
+    beside it (`engine_file_of(served_file)`)."""
     import numpy as np
 
     from registry import model_formats
@@ -183,7 +193,39 @@ def describe_model_file(path: Path, filename: str, max_params: int, served_file:
         "input_shape": [int(v) for v in input_shape[1:]],
         "output_width": int(output_shape[-1]),
         "output_kind": "probabilities" if getattr(activation, "__name__", "") == "softmax" else "logits",
+        "engine": convert_for_engine(model, filename, engine_file_of(served_file), engine_options or {}),
     }
+
+
+def engine_file_of(served_file: Path) -> Path:
+    """Where the child writes the engine's conversion of the model it saved as `served_file`."""
+    return served_file.with_suffix(ENGINE_SUFFIX)
+
+
+def convert_for_engine(model, filename: str, engine_file: Path, options: dict) -> dict:
+    """Convert the loaded model for the serving engine, write it to `engine_file` and return its
+    metadata. Its pooled feature outputs are every block end of the network (the OOD layers any
+    calibration picks by default, and the penultimate block) and `options["feature_layers"]` (a
+    calibration's own), the deepest named as `penultimate_layer`; `options["explain_layer"]` is the
+    metadata's Grad-CAM layer. The conversion is checked against Keras on a probe batch
+    (lite_engine.convert)."""
+    from inference import lite_engine, ood
+
+    layers = tuple(dict.fromkeys([*options.get("feature_layers", ()), *ood.block_ends(model)]))
+    try:
+        converted = lite_engine.convert(model, layers, options.get("explain_layer"))
+    except lite_engine.ConversionError as exc:
+        raise SandboxError(
+            f"{filename}: its conversion for the serving engine does not answer as it does: {exc}"
+        ) from exc
+    except Exception as exc:  # the converter refusing an unusual graph or layer: a clear refusal all the same
+        raise SandboxError(
+            f"{filename}: it cannot be converted for the serving engine (LiteRT): {str(exc)[:300]}"
+        ) from exc
+    engine_file.write_bytes(converted.tflite)
+    # What the label queue compares images by when the head has no closed form (LoadedModel.features).
+    ends = ood.block_ends(model)
+    return {**converted.metadata, "penultimate_layer": ends[-1] if ends else None}
 
 
 def _save_checked(model, filename: str, served_file: Path) -> None:
@@ -248,22 +290,26 @@ def _failure(result: subprocess.CompletedProcess, filename: str, limits: ImportL
     return f"{filename}: the file could not be validated: {last}"
 
 
-def describe_in_child(path: Path, filename: str, limits: ImportLimits, served_file: Path) -> dict:
+def describe_in_child(
+    path: Path, filename: str, limits: ImportLimits, served_file: Path, engine_options: dict | None = None
+) -> dict:
     """`describe_model_file` in a confined child process under `limits`; a SandboxError says why not."""
     served_name = SERVED_NAME + served_file.suffix
-    return _in_child(path, served_name, served_file, [filename, str(limits.max_params)], filename, limits)
+    outputs = {served_name: served_file, SERVED_NAME + ENGINE_SUFFIX: engine_file_of(served_file)}
+    arguments = [filename, str(limits.max_params), json.dumps(engine_options or {})]
+    return _in_child(path, outputs, arguments, filename, limits)
 
 
 def export_in_child(source: Path, destination: Path, limits: ImportLimits) -> None:
     """`export_model_file` in a confined child process under `limits`; a SandboxError says why not."""
-    _in_child(source, EXPORTED_NAME + destination.suffix, destination, [EXPORT_FLAG], destination.name, limits)
+    _in_child(source, {EXPORTED_NAME + destination.suffix: destination}, [EXPORT_FLAG], destination.name, limits)
 
 
 def _in_child(
-    source: Path, output_name: str, target: Path, arguments: list[str], filename: str, limits: ImportLimits
+    source: Path, outputs: dict[str, Path], arguments: list[str], filename: str, limits: ImportLimits
 ) -> dict:
-    """Run the child on a copy of `source` alone in a scratch folder, copy the file it writes as
-    `output_name` to `target`, and return its JSON answer."""
+    """Run the child on a copy of `source` alone in a scratch folder, copy each file it writes
+    (`outputs`: its name there -> the target here) out, and return its JSON answer."""
     with tempfile.TemporaryDirectory(prefix="imgcls-import-") as scratch:
         folder = Path(scratch)
         shutil.copyfile(source, folder / UPLOAD_NAME)
@@ -271,10 +317,11 @@ def _in_child(
         if user:
             for owned in (folder, folder / UPLOAD_NAME):
                 os.chown(owned, *user)
-        result = _run_child(folder, output_name, arguments, filename, limits, user)
+        result = _run_child(folder, next(iter(outputs)), arguments, filename, limits, user)
         if result.returncode != 0:
             raise SandboxError(_failure(result, filename, limits))
-        _copy_out(folder / output_name, target, filename)
+        for output_name, target in outputs.items():
+            _copy_out(folder / output_name, target, filename)
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -402,7 +449,7 @@ def _child(argv: list[str]) -> int:
             export_model_file(path, output)
             described = {"exported": output.name}
         else:
-            described = describe_model_file(path, argv[6], int(argv[7]), output)
+            described = describe_model_file(path, argv[6], int(argv[7]), output, json.loads(argv[8]))
     except (SandboxError, ModelStoreError, model_files.ModelFileError) as exc:
         print(json.dumps({"error": str(exc)}))
         return ERROR_EXIT

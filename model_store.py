@@ -3,7 +3,9 @@
 Import validates a file before anything is committed and stores the model as the sandbox
 re-saved it, without HDF5 (registry/model_files.py, model_sandbox.py, docs/decisions/0001 say why);
 rehydration writes the active model's BLOB to the instance folder under its sha256 so each
-process can load it. Versions stored in an older format are re-saved once by
+process can load it. The sandbox also converts each model for the serving engine, stored beside
+it (engine_store.py); a web worker serves that conversion (`served_engine_file`). Versions stored
+in an older format, or without a conversion, are re-saved and converted once by
 `flask models upgrade-files` (`upgrade_files`), never while serving.
 """
 
@@ -33,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
+import engine_store
 from database import db
 from inference import calibration
 from model_sandbox import (
@@ -42,6 +45,7 @@ from model_sandbox import (
     check_size,
     describe_in_child,
     describe_model_file,
+    engine_file_of,
     export_in_child,
     export_model_file,
 )
@@ -200,10 +204,13 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None = None) -> tuple[dict, bytes]:
+def inspect_model_bytes(
+    data: bytes, filename: str, limits: ImportLimits | None = None, engine_options: dict | None = None
+) -> tuple[dict, bytes, bytes]:
     """Validate model bytes within `limits`; their description (format, input shape, output
-    width and kind) and the model re-saved without HDF5. Without limits the default caps apply
-    and the file is loaded in this process."""
+    width and kind, the engine conversion's metadata), the model re-saved without HDF5 and its
+    conversion for the serving engine (`engine_options`: model_sandbox.convert_for_engine's).
+    Without limits the default caps apply and the file is loaded in this process."""
     limits = limits or ImportLimits(isolated=False)
     try:
         check_size(len(data), filename, limits)
@@ -213,10 +220,10 @@ def inspect_model_bytes(data: bytes, filename: str, limits: ImportLimits | None 
             path, served = Path(scratch) / "upload", Path(scratch) / f"served.{STORED_FORMAT}"
             path.write_bytes(data)
             if limits.isolated:
-                described = describe_in_child(path, filename, limits, served)
+                described = describe_in_child(path, filename, limits, served, engine_options)
             else:
-                described = describe_model_file(path, filename, limits.max_params, served)
-            return described, served.read_bytes()
+                described = describe_model_file(path, filename, limits.max_params, served, engine_options)
+            return described, served.read_bytes(), engine_file_of(served).read_bytes()
     except SandboxError as exc:
         raise ModelStoreError(str(exc)) from exc
 
@@ -259,7 +266,8 @@ def import_model(
     metrics = metrics_schema.normalise(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
-    described, served = inspect_model_bytes(data, path.name, limits)
+    options = _engine_options(metrics.get("explain_layer"), calibration_record)
+    described, served, engine = inspect_model_bytes(data, path.name, limits, options)
     # What the file says of its output comes after what the caller and the metrics say.
     spec = ModelSpec.from_metrics(
         {"output_kind": described["output_kind"], **metrics},
@@ -296,11 +304,18 @@ def import_model(
         row.version = (latest or 0) + 1
         db.session.add(row)
         db.session.flush()
+        engine_store.put(row.sha256, engine, described["engine"], sha256_of(engine))
         if calibration_record:
             _put_calibration(row.id, calibration_record)
         if activate or get_active() is None:
             set_active(row)
     return row
+
+
+def _engine_options(explain_layer: str | None, calibration_record: dict | None) -> dict:
+    """What the engine's conversion must answer beyond its defaults: the calibration's OOD layers."""
+    layers = ((calibration_record or {}).get("ood") or {}).get("layers") or []
+    return {"feature_layers": list(layers), "explain_layer": explain_layer}
 
 
 def _provenance(filename: str, data: bytes, fmt: str) -> dict:
@@ -396,6 +411,9 @@ def delete(model_id: int) -> None:
         raise ModelStoreError(f"model {model_id} is the active model; activate another one first")
     with _transaction():
         db.session.delete(row)
+        shared = db.session.scalar(select(func.count()).where(ModelVersion.sha256 == row.sha256))
+        if not shared and (conversion := engine_store.get(row.sha256)) is not None:
+            db.session.delete(conversion)  # no other version is that file
 
 
 def verify(row: ModelVersion) -> None:
@@ -458,6 +476,26 @@ def served_file(row: ModelVersion, directory: str | Path) -> Path:
     return rehydrate(row, directory)
 
 
+def served_engine_file(row: ModelVersion, directory: str | Path) -> tuple[Path, dict]:
+    """The serving engine's file of a version in `directory`, named by its own sha256 (written
+    only when missing or wrong, after checking its BLOB), and its metadata; a ModelStoreError
+    when the version has no conversion (`flask models upgrade-files` makes them once)."""
+    found = engine_store.get(row.sha256)
+    if found is None:
+        raise ModelStoreError(
+            f"model {row.id} has no conversion for the serving engine: run `flask models upgrade-files` once "
+            "to convert it (in the import sandbox)"
+        )
+    path = Path(directory) / f"{found.sha256}.tflite"
+    if path.exists() and sha256_of(path.read_bytes()) == found.sha256:
+        return path, found.details
+    blob = found.blob
+    if len(blob) != found.size or sha256_of(blob) != found.sha256:
+        raise ModelStoreError(f"model {row.id}'s engine file is corrupt: its BLOB does not match the recorded sha256")
+    atomic_write(path, blob)
+    return path, found.details
+
+
 def _upgrade_needed(row: ModelVersion) -> str:
     return (
         f"model {row.id} is stored as {row.format}, not as a registry .{STORED_FORMAT} file: "
@@ -467,20 +505,30 @@ def _upgrade_needed(row: ModelVersion) -> str:
 
 def upgrade_files(limits: ImportLimits | None = None) -> list[tuple[ModelVersion, str]]:
     """Re-save every version stored in an older format (.h5, .keras or the first .npz file) as a
-    registry file, through the import sandbox under `limits`, one transaction per version; the
-    versions converted, each with its old format. A version that fails stops the run, unchanged."""
-    converted = []
-    for row in db.session.scalars(select(ModelVersion).where(ModelVersion.format != STORED_FORMAT)):
+    registry file, and convert every version the serving engine has no conversion of (or one
+    without its calibration's OOD layers), through the import sandbox under `limits`, one
+    transaction per version; the versions changed, each with what it was (its old format, or
+    "no engine file"). A version that fails stops the run, unchanged."""
+    changed = []
+    for row in list(db.session.scalars(select(ModelVersion).order_by(ModelVersion.id))):
+        record = get_calibration(row.id)
+        options = _engine_options((row.metrics or {}).get("explain_layer"), record)
+        if row.format == STORED_FORMAT and engine_store.covers(row.sha256, tuple(options["feature_layers"])):
+            continue
         verify(row)
-        old_format = row.format
-        described, served = inspect_model_bytes(row.blob, row.filename, limits)
+        if row.format != STORED_FORMAT:
+            before = row.format
+        else:
+            before = "no engine file" if engine_store.get(row.sha256) is None else "no features of its OOD layers"
+        described, served, engine = inspect_model_bytes(row.blob, row.filename, limits, options)
         if described["output_width"] != len(row.class_names) or described["input_shape"] != list(row.input_shape):
             raise ModelStoreError(f"model {row.id}: the converted file no longer matches its registry row")
         with _transaction():
             row.blob, row.size, row.sha256, row.format = served, len(served), sha256_of(served), STORED_FORMAT
             row.filename = f"{Path(row.filename).stem[:240]}.{STORED_FORMAT}"
-        converted.append((row, old_format))
-    return converted
+            engine_store.put(row.sha256, engine, described["engine"], sha256_of(engine))
+        changed.append((row, before))
+    return changed
 
 
 def rehydrate(row: ModelVersion, directory: str | Path) -> Path:

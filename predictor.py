@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -276,27 +276,45 @@ class Scores:
         )
 
 
-class Predictor:
-    """A loaded Keras model called through one compiled function; safe to share between threads.
+# A model call: a float32 batch of model input in, [output, *pooled features of each feature layer] out.
+Forward = Callable[[np.ndarray], list]
 
-    With a `calibration` (calibration.Calibration) the function also returns the pooled features
-    its OOD score needs (or those of `feature_layers`, for fitting one), and probabilities are the
-    calibrated ones; without, plain softmax.
+
+def keras_forward(model, input_shape: tuple[int, ...], feature_layers: tuple[str, ...]) -> Forward:
+    """A Keras model's call as one compiled TensorFlow function."""
+    import tensorflow as tf
+
+    served = with_pooled_features(model, feature_layers) if feature_layers else model
+    signature = tf.TensorSpec([None, *input_shape], tf.float32)
+    infer = tf.function(lambda batch: served(batch, training=False), input_signature=[signature])
+    return lambda batch: list(infer(batch)) if feature_layers else [infer(batch)]
+
+
+class Predictor:
+    """A model called through one function; safe to share between threads.
+
+    The call is a Keras model's compiled with TensorFlow (`model`), or any `forward` giving the
+    same outputs (the web worker's: inference/lite_engine.LiteEngine.forward, no TensorFlow). With
+    a `calibration` (calibration.Calibration) it also returns the pooled features its OOD score
+    needs (or those of `feature_layers`, for fitting one), and probabilities are the calibrated
+    ones; without, plain softmax.
     """
 
-    def __init__(self, model, spec: ModelSpec, calibration=None, feature_layers: tuple[str, ...] | None = None):
-        import tensorflow as tf
-
+    def __init__(
+        self,
+        model,
+        spec: ModelSpec,
+        calibration=None,
+        feature_layers: tuple[str, ...] | None = None,
+        forward: Forward | None = None,
+    ):
         self.model = model
         self.spec = spec
         self.calibration = calibration
         if feature_layers is None:
             feature_layers = calibration.feature_layers if calibration is not None else ()
         self.feature_layers = tuple(feature_layers)
-        served = with_pooled_features(model, self.feature_layers) if self.feature_layers else model
-        height, width, channels = spec.input_shape
-        signature = tf.TensorSpec([None, height, width, channels], tf.float32)
-        self._infer = tf.function(lambda batch: served(batch, training=False), input_signature=[signature])
+        self._forward = forward or keras_forward(model, tuple(spec.input_shape), self.feature_layers)
 
     def warm_up(self) -> None:
         """Trace and run the function once so no request pays for it."""
@@ -307,8 +325,7 @@ class Predictor:
         """Log-scores (N x classes: logits, or log-probabilities for a softmax model) and the
         pooled features of each feature layer, each averaged over the test-time views."""
         batch, weights = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
-        outputs = self._infer(batch)
-        outputs = [np.asarray(o, dtype=np.float64) for o in (outputs if self.feature_layers else [outputs])]
+        outputs = [np.asarray(o, dtype=np.float64) for o in self._forward(batch)]
         if not all(np.isfinite(o).all() for o in outputs):
             raise ModelOutputError("The model produced an invalid (non-finite) output for this image.")
         if self.spec.output_kind == "probabilities":
@@ -332,20 +349,6 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N x classes) for a uint8 batch N x H x W x C."""
         return self.score_arrays(images).probabilities
-
-    @cached_property
-    def _penultimate(self):
-        import keras
-
-        return keras.Model(self.model.inputs[0], self.model.layers[-1].input)
-
-    def penultimate_features(self, images: np.ndarray) -> np.ndarray:
-        """What the last layer reads (N x features, flattened), averaged over the test-time views:
-        two images the model sees alike have close features. Built on first use (a command's call,
-        not a request's)."""
-        batch, weights = tta_views(scale_pixels(images, self.spec.input_scale), self.spec.tta)
-        features = np.asarray(self._penultimate(batch, training=False), dtype=np.float64)
-        return average_views(features.reshape(len(features), -1), weights)
 
 
 def to_predictions(class_names: tuple[str, ...], scores: Scores, calibration=None) -> list[Prediction]:

@@ -27,8 +27,9 @@ from database import db
 from inference import heatmap
 from inference.batching import MicroBatcher
 from inference.calibration import Calibration
-from inference.explain import Explainer, NoExplanation, Unexplainable, explainer_for
+from inference.explain import NoExplanation, Unexplainable
 from inference.image_statistics import ImageStatistics, image_statistics
+from inference.lite_engine import LiteEngine, LiteExplainer, explainer_of
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -47,6 +48,10 @@ from web import prometheus
 
 log = logging.getLogger(__name__)
 
+# The engine's XNNPACK threads per model. One: gunicorn's workers (one per core) already keep the
+# cores busy with concurrent requests, and a second thread per call, waiting on a core that another
+# worker holds, measured no faster on 2 cores (docs/lite-engine.md, "Threads and batches").
+ENGINE_THREADS = 1
 # The slot that answers requests: the registry's active version.
 CHAMPION = "champion"
 # What identifies a served state in the registry: a version's id, sha256 and calibration time.
@@ -71,9 +76,11 @@ class LoadedModel:
     version: int
     sha256: str
     predictor: Predictor
-    explainer: Explainer | Unexplainable
+    explainer: LiteExplainer | Unexplainable
     batcher: MicroBatcher | None = None
     calibrated_at: datetime | None = None
+    # The same engine answering what the head's dense layer reads (LoadedModel.features).
+    penultimate: Predictor | None = None
 
     @property
     def key(self) -> SlotKey:
@@ -112,8 +119,8 @@ class LoadedModel:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Penultimate features (N x features) for a uint8 batch: the label queue keeps a round's
-        images unlike one another by them."""
-        return self.predictor.penultimate_features(images)
+        images unlike one another by them (LiteEngine.penultimate_forward), over the views."""
+        return self.penultimate.infer(images)[1][0]
 
     def batch(self, decoded: Sequence[DecodedUpload]) -> np.ndarray:
         """The decoded uploads' inputs at this model's size, as one uint8 batch."""
@@ -142,18 +149,24 @@ def load_version(
     batching: BatchingConfig = BatchingConfig(),
     calibrated_at=None,
 ) -> LoadedModel:
-    """Rehydrate a registry row to a file, load it in safe mode (its probe outputs checked), warm it up."""
-    model = model_store.load_keras_model(model_store.served_file(row, directory))
+    """Rehydrate a registry row's conversion for the serving engine (LiteRT: no TensorFlow in a
+    web worker), load it with its calibration and explainer, warm it up."""
+    path, metadata = model_store.served_engine_file(row, directory)
+    engine = LiteEngine(path.read_bytes(), metadata, num_threads=ENGINE_THREADS)
     spec = spec_of(row)
-    predictor = Predictor(model, spec, Calibration.from_record(model_store.get_full_calibration(row.id)))
+    calibration = Calibration.from_record(model_store.get_full_calibration(row.id))
+    predictor = Predictor(None, spec, calibration, forward=engine.forward(calibration.feature_layers))
     predictor.warm_up()
-    explainer = explainer_for(model, spec, (row.metrics or {}).get("explain_layer"))
+    explainer = explainer_of(engine, spec.input_scale)
     batcher = None
     if batching.enabled:
         batcher = MicroBatcher(
             predictor.score_arrays, batching.max_batch, batching.max_wait_ms, prometheus.BATCH_SIZE.observe
         )
-    return LoadedModel(row.id, row.name, row.version, row.sha256, predictor, explainer, batcher, calibrated_at)
+    penultimate = Predictor(None, spec, feature_layers=("penultimate",), forward=engine.penultimate_forward())
+    return LoadedModel(
+        row.id, row.name, row.version, row.sha256, predictor, explainer, batcher, calibrated_at, penultimate
+    )
 
 
 def registry_assignments() -> dict[str, SlotKey]:
@@ -258,7 +271,7 @@ class ModelSlots:
             if row is None:
                 raise ModelStoreError(f"model {model_id} was deleted while being loaded")
             loaded = load_version(row, self.directory, self.batching, key[2])
-        except Exception as exc:  # a disk, TensorFlow or registry failure: keep the last good model
+        except Exception as exc:  # a disk, engine or registry failure: keep the last good model
             self._failed[name] = key
             self._errors[name] = f"the {name} model (id {model_id}) cannot be served: {exc}"
             log.error(self._errors[name])

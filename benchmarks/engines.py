@@ -13,7 +13,9 @@ Measures:
   5. dynamic-range int8 LiteRT beside them (timings, file size, differences), for comparison;
   6. LiteRT's batch handling: batches of 2 and 3 with the interpreter resized before each call
      (a dynamic batch dimension) against each size run steadily, and a batch of 2 padded to 8
-     (fixed buckets); one interpreter behind a lock against one per thread, 4 threads calling.
+     (fixed buckets); the mixed sizes a micro-batcher hands over at concurrency 8, one resized
+     interpreter against power-of-two buckets; one interpreter behind a lock against one per
+     thread, 4 threads calling.
 
     python benchmarks/engines.py [--model models/default/model.h5] [--threads 2]
         [--out benchmarks/results/engines.json]
@@ -157,7 +159,7 @@ def child(kind: str, directory: Path) -> None:
         from predictor import Predictor
 
         model = keras.saving.load_model(config["model"], compile=False, safe_mode=True)
-        answer = np.asarray(Predictor(model, spec, feature_layers=config["layers"])._infer(batch)[0])
+        answer = np.asarray(Predictor(model, spec, feature_layers=config["layers"])._forward(batch)[0])
     answered = time.perf_counter() - started
     print(
         json.dumps(
@@ -188,6 +190,42 @@ def fresh_process(kind: str, directory: Path) -> dict:
 # --- The run ----------------------------------------------------------------------------------
 
 
+def mixed_sizes(converted, spec: ModelSpec, threads: int, calls: int = 400) -> dict:
+    """The batch sizes a micro-batcher hands the engine at concurrency 8 (1 to 8 images, with
+    their views), in a seeded random order: ms per call, one interpreter resized whenever the size
+    changes against fixed power-of-two buckets (each with its own interpreter, never resized:
+    the batch is padded with blank images and the padding's rows dropped)."""
+    from inference import lite_engine
+
+    views = len(views_of(spec, 1))
+    sizes = np.random.default_rng(7).integers(1, 9, calls) * views
+    batches = {int(size): scaled(spec, int(size), seed=int(size)) for size in set(sizes)}
+    resized = lite_engine.LiteEngine(converted.tflite, converted.metadata, threads)
+    bucket_of = {size: 1 << (size - 1).bit_length() for size in batches}
+    buckets = {
+        bucket: lite_engine.LiteEngine(converted.tflite, converted.metadata, threads)
+        for bucket in set(bucket_of.values())
+    }
+
+    def padded(batch: np.ndarray) -> list[np.ndarray]:
+        bucket = bucket_of[len(batch)]
+        blank = np.zeros((bucket - len(batch), *batch.shape[1:]), np.float32)
+        return [output[: len(batch)] for output in buckets[bucket].outputs(np.concatenate([batch, blank]))]
+
+    figures = {}
+    for name, call in (("resized", resized.outputs), ("buckets", padded)) * 2:  # alternated
+        for size in sizes[:20]:  # every interpreter planned once before timing
+            call(batches[size])
+        started = time.perf_counter()
+        for size in sizes:
+            call(batches[size])
+        figures.setdefault(f"mixed_sizes_{name}_ms_per_call", []).append(
+            round(1000 * (time.perf_counter() - started) / calls, 3)
+        )
+    figures["mixed_sizes_bucket_interpreters"] = sorted(buckets)
+    return figures
+
+
 def measure(args) -> dict:
     import keras
 
@@ -200,7 +238,7 @@ def measure(args) -> dict:
     converted = lite_engine.convert(model, layers, explain_layer)
     conversion_s = time.perf_counter() - started
     engine = lite_engine.LiteEngine(converted.tflite, converted.metadata, args.threads)
-    tf_infer = Predictor(model, spec, feature_layers=layers)._infer
+    tf_infer = Predictor(model, spec, feature_layers=layers)._forward
 
     def tf_call(batch):
         return [np.asarray(o) for o in tf_infer(batch)]
@@ -244,6 +282,7 @@ def measure(args) -> dict:
         ),
         "batch_2_padded_to_bucket_8_ms": p50_ms(lambda: engine.outputs(eight), args.repeats),
     }
+    batches |= mixed_sizes(converted, spec, args.threads)
     per_thread = [lite_engine.LiteEngine(converted.tflite, converted.metadata, 1) for _ in range(4)]
     threading_figures = {
         "one_interpreter_locked_calls_per_s": calls_per_s([lambda: engine.outputs(one)] * 4, args.repeats),

@@ -87,6 +87,7 @@ def score(model_path: Path, data: list[bytes], batch: int = 64) -> dict:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    from inference import ood
     from inference.calibration import Calibration
     from predictor import Predictor, decode_image
     from registry import metrics_schema
@@ -101,9 +102,10 @@ def score(model_path: Path, data: list[bytes], batch: int = 64) -> dict:
         metrics["output_kind"],
         metrics["tta"],
     )
-    predictor = Predictor(
-        load_keras_model(model_path, allow_hdf5=True), spec, Calibration.from_record(metrics["calibration"])
-    )
+    model = load_keras_model(model_path, allow_hdf5=True)
+    predictor = Predictor(model, spec, Calibration.from_record(metrics["calibration"]))
+    # Images compared by the deepest block's channel means (the served model compares what its head reads).
+    penultimate = Predictor(model, spec, feature_layers=(ood.block_ends(model)[-1],))
     pixels = np.stack([decode_image(item, spec.image_size) for item in data])
     probabilities, ood, features = [], [], []
     for start in range(0, len(pixels), batch):
@@ -111,7 +113,7 @@ def score(model_path: Path, data: list[bytes], batch: int = 64) -> dict:
         scores = predictor.score_arrays(chunk)
         probabilities.append(scores.probabilities)
         ood.append(scores.ood_scores)
-        features.append(predictor.penultimate_features(chunk).astype(np.float32))
+        features.append(penultimate.infer(chunk)[1][0].astype(np.float32))
     threshold = predictor.calibration.ood.threshold
     return {
         "class_names": np.array(spec.class_names),

@@ -6,7 +6,6 @@ drives it. The benchmarks, docs/make_screenshot.py and the browser tests share t
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
 import socket
@@ -59,9 +58,10 @@ def worker_memory_by_pid(master_pid: int, field: str = "Rss") -> dict[int, float
 
 
 class Server:
-    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder."""
+    """gunicorn with gunicorn.conf.py on a free port, on a given instance folder; `root` is the
+    checkout whose code it serves (another commit's, for a before-and-after benchmark)."""
 
-    def __init__(self, instance: Path, workers: int, threads: int, batching: bool):
+    def __init__(self, instance: Path, workers: int, threads: int, batching: bool, root: Path = ROOT):
         self.port = free_port()
         env = dict(os.environ)
         env.update(
@@ -82,7 +82,7 @@ class Server:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
-                cwd=ROOT,
+                cwd=root,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,11 +141,13 @@ def prepare_instance(model_path: Path, name: str = "bench") -> Path:
     os.environ["INSTANCE_PATH"] = str(instance)
     import model_store
     from app import create_app
+    from registry import metrics_schema
 
     app = create_app()
     with app.app_context():
         model_store.init_db()
         sidecar = model_path.with_name("metrics.json")
-        metrics = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        # With its calibration whole: the OOD arrays are in calibration.safetensors beside it.
+        metrics = metrics_schema.read_metrics(sidecar) if sidecar.exists() else {}
         model_store.import_model(model_path, name=name, metrics=metrics, activate=True)
     return instance

@@ -8,12 +8,13 @@ it, the feature map Grad-CAM explains. It checks the converted outputs against K
 batch and refuses a conversion that differs. `LiteEngine` (the web worker) runs that file with
 `ai_edge_litert` and XNNPACK and never imports TensorFlow.
 
-Grad-CAM without TensorFlow: when the head is a global max or average pooling of the explained
-feature map followed by a linear dense layer (and constant rescalings, as the strong network's
-temperature), the gradient of a class score with respect to the map is known in closed form: the
-class's dense weights, at each channel's argmax cell for a max pool (split between tied cells, as
-TensorFlow's gradient of a max is), or spread evenly over the cells for an average pool. The
-head's weights travel in the metadata; any other head has no explanation here (`NoExplanation`).
+Grad-CAM without TensorFlow: when the head is a global max or average pooling, or a flatten, of
+the explained feature map followed by a linear dense layer (and constant rescalings, as the strong
+network's temperature), the gradient of a class score with respect to the map is known in closed
+form: the class's dense weights, at each channel's argmax cell for a max pool (split between tied
+cells, as TensorFlow's gradient of a max is), spread evenly over the cells for an average pool, or
+the class's dense weights laid out as the map for a flatten. The head's weights travel in the
+metadata; any other head has no explanation here (`NoExplanation`).
 
 `convert(..., quantize=True)` writes dynamic-range int8 instead of fp32, for comparison: it is
 checked against a tolerance the caller states, and is not to be served before the calibration and
@@ -24,13 +25,16 @@ Flask-free; TensorFlow and Keras are imported only inside the conversion functio
 
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from inference.explain import WEIGHTINGS, NoExplanation
+from inference.explain import WEIGHTINGS, NoExplanation, Unexplainable
+from predictor import scale_pixels
 
 # fp32 reproduces Keras to float rounding; dynamic-range int8 (weights stored as int8, activations
 # quantised on the fly) is smaller and faster but changes outputs: a caller choosing it states the
@@ -60,7 +64,7 @@ def _layer_kinds():
     import keras
 
     layers = keras.layers
-    pools = {layers.GlobalMaxPooling2D: "max", layers.GlobalAveragePooling2D: "average"}
+    pools = {layers.GlobalMaxPooling2D: "max", layers.GlobalAveragePooling2D: "average", layers.Flatten: "flatten"}
     identities = (layers.Dropout, layers.GaussianNoise, layers.GaussianDropout, layers.Activation)
     return pools, layers.Dense, layers.Rescaling, identities
 
@@ -72,15 +76,18 @@ def _is_linear(layer) -> bool:
 
 
 def head_of(model, explain_layer: str | None = None) -> dict:
-    """The explained layer and the pooling + dense head that reads it, as metadata:
-    {"layer", "pooling", "grid", "kernel" (channels x classes), "bias" (classes)}, with any constant
+    """The explained layer and the pooling (or flatten) + dense head that reads it, as metadata:
+    {"layer", "pooling", "grid", "kernel" (features x classes), "bias" (classes)}, with any constant
     rescaling after the dense layer folded into kernel and bias. NoExplanation for any other head."""
     from inference.explain import find_layer
 
     pools, dense_class, rescaling_class, identities = _layer_kinds()
     pool_at = [i for i, layer in enumerate(model.layers) if type(layer) in pools]
     if len(pool_at) != 1 or pool_at[0] == 0:
-        raise NoExplanation("No explanation for this model: its head is not one global pooling and a dense layer.")
+        raise NoExplanation(
+            "No explanation for this model: its head is not one global pooling (or flatten) of a feature map "
+            "and a dense layer."
+        )
     feature_layer = model.layers[pool_at[0] - 1]
     pooling = pools[type(model.layers[pool_at[0]])]
     explained = find_layer(model, explain_layer).name
@@ -137,7 +144,8 @@ def _tflite_bytes(served, quantize: bool = False) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(served)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
-    return converter.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the SavedModel it exports on the way
+        return converter.convert()
 
 
 def default_probe(input_shape: Sequence[int], size: int = PROBE_SIZE, seed: int = 0) -> np.ndarray:
@@ -145,11 +153,19 @@ def default_probe(input_shape: Sequence[int], size: int = PROBE_SIZE, seed: int 
     return np.random.default_rng(seed).random((size, *input_shape), dtype=np.float32)
 
 
+def pooled(feature_map: np.ndarray, pooling: str) -> np.ndarray:
+    """What the head's dense layer reads of an N x h x w x channels feature map."""
+    if pooling == "flatten":
+        return feature_map.reshape(len(feature_map), -1)
+    return feature_map.max(axis=(1, 2)) if pooling == "max" else feature_map.mean(axis=(1, 2))
+
+
 def _check_head(head: dict, logits: np.ndarray, feature_map: np.ndarray, tolerance: float) -> None:
     """The closed-form head must give the model's own output from the feature map, or the
     gradient taken from it would be of some other function."""
-    pooled = feature_map.max(axis=(1, 2)) if head["pooling"] == "max" else feature_map.mean(axis=(1, 2))
-    recomputed = pooled.astype(np.float64) @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
+    recomputed = pooled(feature_map, head["pooling"]).astype(np.float64) @ np.asarray(
+        head["kernel"], np.float64
+    ) + np.asarray(head["bias"])
     difference = float(np.abs(recomputed - logits).max())
     if not difference <= tolerance * max(1.0, float(np.abs(logits).max())):
         raise NoExplanation(
@@ -183,7 +199,9 @@ def convert(
         head, explain = None, {"unavailable": f"No explanation for this model here: its head was not read ({exc})."}
     served = _served_model(model, feature_layers, head and head["layer"])
     probe = default_probe(model.input_shape[1:]) if probe is None else np.asarray(probe, np.float32)
-    expected = [np.asarray(output, np.float32) for output in served([probe], training=False)]
+    answered = served([probe], training=False)
+    answered = answered if isinstance(answered, list | tuple) else [answered]  # a model with one output
+    expected = [np.asarray(output, np.float32) for output in answered]
     if head is not None:
         try:
             _check_head(head, expected[0], expected[-1], PROBE_TOLERANCE)  # Keras against the closed form
@@ -278,6 +296,41 @@ class LiteEngine:
             answers = self._runner(**{self._input_name: batch})
         return [answers[name] for name in self._output_names]
 
+    def forward(self, feature_layers: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """A function of a float32 batch giving [output, *pooled features of `feature_layers`]
+        (what `predictor.Predictor` calls); a ValueError when the file lacks one of the layers."""
+        missing = [name for name in feature_layers if name not in self.feature_layers]
+        if missing:
+            raise ValueError(
+                f"the converted model has no pooled features of layer(s) {', '.join(missing)}: "
+                "convert it again with `flask models upgrade-files`"
+            )
+        picks = [1 + self.feature_layers.index(name) for name in feature_layers]
+
+        def call(batch: np.ndarray) -> list[np.ndarray]:
+            outputs = self.outputs(batch)
+            return [outputs[0], *(outputs[index] for index in picks)]
+
+        return call
+
+    def penultimate_forward(self) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """A function of a float32 batch giving [output, what the head's dense layer reads]: the
+        explained feature map pooled (or flattened) as the head does; for a head without that
+        closed form, the deepest block's channel means (the conversion's `penultimate_layer`); for a
+        model without convolutional blocks, its output."""
+        if self.head is None:
+            layer = self.metadata.get("penultimate_layer")
+            if layer is None:
+                only_output = self.forward(())
+                return lambda batch: only_output(batch) * 2
+            return self.forward((layer,))
+
+        def call(batch: np.ndarray) -> list[np.ndarray]:
+            answers = self.run(batch)
+            return [answers.logits, pooled(answers.feature_map, self.head["pooling"])]
+
+        return call
+
     def run(self, batch: np.ndarray) -> EngineOutputs:
         """The outputs of a float32 batch, by role."""
         outputs = self.outputs(batch)
@@ -297,8 +350,11 @@ class LiteEngine:
 
 
 def head_gradient(feature_map: np.ndarray, head: dict, class_indices: np.ndarray) -> np.ndarray:
-    """d(class score)/d(feature map) for a global pooling + dense head, N x h x w x channels."""
-    class_weights = np.asarray(head["kernel"], np.float64).T[class_indices][:, None, None, :]  # N x 1 x 1 x C
+    """d(class score)/d(feature map) for a global pooling (or flatten) + dense head, N x h x w x channels."""
+    kernel = np.asarray(head["kernel"], np.float64).T[class_indices]  # N x features
+    if head["pooling"] == "flatten":  # the score is linear in every cell: its weights are the gradient
+        return kernel.reshape(feature_map.shape)
+    class_weights = kernel[:, None, None, :]  # N x 1 x 1 x C
     if head["pooling"] == "average":
         cells = feature_map.shape[1] * feature_map.shape[2]
         return np.broadcast_to(class_weights / cells, feature_map.shape)
@@ -317,3 +373,24 @@ def grad_cam(feature_map: np.ndarray, head: dict, class_indices: np.ndarray, wei
     peak = cam.max(axis=(1, 2), keepdims=True)
     grids = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
     return np.nan_to_num(grids, nan=0.0, posinf=0.0, neginf=0.0).clip(0.0, 1.0).astype(np.float32)
+
+
+class LiteExplainer:
+    """explain.Explainer's interface over a LiteEngine: maps for a uint8 batch, one class each."""
+
+    def __init__(self, engine: LiteEngine, input_scale: str):
+        self.engine = engine
+        self.input_scale = input_scale
+        self.layer_name: str = engine.head["layer"]
+        self.grid_shape: tuple[int, int] = tuple(engine.head["grid"])
+
+    def explain(self, images: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
+        """Heat maps of the images as sent (no test-time views), as explain.Explainer draws them."""
+        return self.engine.explain(scale_pixels(images, self.input_scale), class_indices)
+
+
+def explainer_of(engine: LiteEngine, input_scale: str) -> LiteExplainer | Unexplainable:
+    """The engine's explainer, or an Unexplainable giving the reason recorded at conversion."""
+    if not engine.explainable:
+        return Unexplainable(engine.metadata["explain"]["unavailable"])
+    return LiteExplainer(engine, input_scale)

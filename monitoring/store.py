@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -129,25 +130,24 @@ class ReferenceCache:
 references = ReferenceCache()
 
 
-def add_samples(rows, images, class_names: tuple[str, ...]) -> list[DriftSample]:
-    """Drift samples for recorded predictions (history rows, and the ClassifiedImages they came
-    from), added to the session uncommitted. Images without statistics, and rows whose model is
-    gone, have none."""
+def add_samples(
+    prediction_ids: Sequence[int], model_id: int, created_at: datetime, images, class_names: tuple[str, ...]
+) -> list[DriftSample]:
+    """Drift samples for predictions recorded together (their ids, and the ClassifiedImages they
+    came from), added to the session uncommitted. Images without statistics have none."""
     samples = []
-    reference = None
-    for row, image in zip(rows, images, strict=True):
-        if image.statistics is None or row.model_id is None:
+    reference = references.get(model_id)
+    for prediction_id, image in zip(prediction_ids, images, strict=True):
+        if image.statistics is None:
             continue
-        if reference is None:
-            reference = references.get(row.model_id)
         prediction = image.prediction
         embedding = reference.project(prediction.features) if reference is not None else None
         values = dict(zip(IMAGE_STATISTICS, statistics_row(image.statistics), strict=True))
         samples.append(
             DriftSample(
-                prediction_id=row.id,
-                model_id=row.model_id,
-                created_at=row.created_at,
+                prediction_id=prediction_id,
+                model_id=model_id,
+                created_at=created_at,
                 class_index=class_names.index(prediction.top_class),
                 top_probability=prediction.top_probability,
                 decision=prediction.decision,

@@ -36,15 +36,25 @@ MIN_COUNT = 200
 PERIODS = {"day": timedelta(days=1), "week": timedelta(weeks=1)}
 
 
-def record(rows: Sequence, images: Sequence, model, window_size: int = WINDOW_SIZE) -> None:
-    """After predictions are recorded: keep their drift samples, then close the model's count
-    windows that are full. A failure here is logged; the predictions stay recorded."""
+def record(
+    prediction_ids: Sequence[int],
+    model_id: int | None,
+    created_at: datetime,
+    images: Sequence,
+    class_names: Sequence[str],
+    window_size: int = WINDOW_SIZE,
+) -> None:
+    """After predictions are recorded (their ids, the model version's id, or None when it was
+    deleted meanwhile): keep their drift samples, then close the model's count windows that are
+    full. A failure here is logged; the predictions stay recorded."""
+    if model_id is None:
+        return
     try:
-        if not add_samples(rows, images, tuple(model.class_names)):
+        if not add_samples(prediction_ids, model_id, created_at, images, tuple(class_names)):
             return
         db.session.commit()
-        close_count_windows(model.id, window_size)
-        _periods_due.run(model.id)
+        close_count_windows(model_id, window_size)
+        _periods_due.run(model_id)
     except SQLAlchemyError as exc:
         db.session.rollback()
         log.warning("drift samples not recorded: %s", exc)

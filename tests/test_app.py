@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import CIFAR10, image_bytes, random_image_bytes, serve_registry
 
+import engine_store
 import model_store
 
 # Tests of request handling (statuses, error bodies, headers, escaping, CSRF, the model's answer):
@@ -195,11 +196,12 @@ def test_class_names_come_from_the_database(app, client, three_class_model_file)
     assert html.count('class="bar-row"') == 3
 
 
-def test_rehydrated_file_lands_in_the_instance_folder(app, client):
+def test_rehydrated_engine_file_lands_in_the_instance_folder(app, client):
+    """A worker writes the serving engine's conversion (named by its own sha256), not the Keras file."""
     client.get("/healthz")
     with app.app_context():
         row = model_store.get_active()
-        expected = [f"{row.sha256}.safetensors"]
+        expected = [f"{engine_store.get(row.sha256).sha256}.tflite"]
     cache = Path(app.config["MODEL_CACHE_DIR"])
     assert cache.is_relative_to(app.instance_path)
     assert [p.name for p in cache.iterdir()] == expected

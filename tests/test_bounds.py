@@ -9,6 +9,7 @@ from flask_migrate import upgrade
 from helpers import image_bytes, login, make_user, serve_registry
 from sqlalchemy import text
 
+import engine_store
 import model_store
 import prediction_history
 from database import db
@@ -80,6 +81,7 @@ def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_
     # Schema 0002's format column is 10 characters (0007 widens it for "safetensors"): the row is
     # labelled as the registry of that time labelled its files; its model is never loaded here.
     monkeypatch.setattr(model_store, "STORED_FORMAT", "npz")
+    monkeypatch.setattr(engine_store, "put", lambda *args: None)  # nor did it store conversions
     with bare_app.app_context():
         upgrade(revision="0002")  # the schema before predictions stored their classes
         model_id = model_store.import_model(seed_model_file, name="old").id

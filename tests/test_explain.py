@@ -200,11 +200,24 @@ def test_the_map_credits_the_cells_a_max_pooled_head_read():
 
 @MAPS_ONLY
 def test_a_layer_named_in_the_metadata_is_explained(make_app, seed_model_file):
+    pool = model_store.load_keras_model(seed_model_file, allow_hdf5=True).layers[1].name
+    client = _app_with(make_app, seed_model_file, metrics={"explain_layer": pool}).test_client()
+    answer = _post(client, "/api/v1/predict?explain=1", random_image_bytes(7)).get_json()
+    assert answer["explanation"] == {"layer": pool}
+    assert np.asarray(answer["predictions"][0]["saliency_grid"]).shape == (15, 15)
+
+
+def test_a_named_layer_the_head_does_not_read_has_no_explanation_in_the_worker(make_app, seed_model_file):
+    """The worker's Grad-CAM is the head's closed form (inference/lite_engine.py): a layer before
+    the max pooling that the head reads is not explained there, and says why."""
     conv = model_store.load_keras_model(seed_model_file, allow_hdf5=True).layers[0].name
     client = _app_with(make_app, seed_model_file, metrics={"explain_layer": conv}).test_client()
     answer = _post(client, "/api/v1/predict?explain=1", random_image_bytes(7)).get_json()
-    assert answer["explanation"] == {"layer": conv}
-    assert np.asarray(answer["predictions"][0]["saliency_grid"]).shape == (30, 30)
+    assert (
+        answer["explanation"]["unavailable"]
+        == f"No explanation for this model here: its pooling does not read layer {conv!r}."
+    )
+    assert answer["predictions"][0]["saliency"] is None
 
 
 @MAPS_ONLY

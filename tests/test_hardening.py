@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import select, text, update
 
+import engine_store
 import model_store
 import prediction_history
 from database import db
@@ -290,10 +291,14 @@ def test_model_with_an_unknown_custom_class_is_refused(app, seed_model_file, tmp
 
 
 def _corrupt_and_activate(other_model_file) -> int:
-    """Store a model, break its BLOB and make it active behind the registry's back."""
+    """Store a model, break its BLOB and its conversion's (what a worker serves) and make it active
+    behind the registry's back."""
     other = model_store.import_model(other_model_file, name="broken")
     db.session.execute(update(ModelVersion).values(is_active=False))
     db.session.execute(update(ModelVersion).where(ModelVersion.id == other.id).values(is_active=True, blob=b"garbage"))
+    db.session.execute(
+        update(engine_store.EngineFile).where(engine_store.EngineFile.model_sha256 == other.sha256).values(blob=b"junk")
+    )
     db.session.commit()
     return other.id
 
@@ -416,7 +421,8 @@ def test_non_finite_output_at_serving_is_a_clear_error_not_a_crash(app, client, 
         )
     with app.app_context():
         loaded = model_serving.slot()
-    loaded.predictor.model.layers[-1].kernel.assign(np.full((loaded.predictor.model.layers[-1].kernel.shape), np.nan))
+    # The served engine starts answering NaN (a fault of the model, not of the upload).
+    loaded.predictor._forward = lambda batch: [np.full((len(batch), len(CIFAR10_CLASSES)), np.nan, np.float32)]
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "model_output"
     with app.app_context():
@@ -433,7 +439,7 @@ def test_a_failed_load_of_any_kind_keeps_the_last_good_model(app, client, other_
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(serving.model_store, "rehydrate", disk_full)
+    monkeypatch.setattr(serving.model_store, "atomic_write", disk_full)  # writing the engine's file
     serve_registry(app)
     response = client.post("/api/v1/predict", data=image_bytes(), content_type="image/jpeg")
     assert response.status_code == 200 and response.get_json()["model"]["name"] == "seed"

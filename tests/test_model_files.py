@@ -136,4 +136,4 @@ def test_old_npz_rows_are_converted_once_by_upgrade_files(app, runner, tmp_path)
     images = model_files.probe_batch((32, 32, 3))
     np.testing.assert_allclose(model_files.model_outputs(loaded, images), model_files.model_outputs(model, images))
     again = runner.invoke(args=["models", "upgrade-files"])
-    assert "0 model file(s) upgraded" in again.output
+    assert "0 model(s) upgraded" in again.output

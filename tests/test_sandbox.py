@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import engine_store
 import model_sandbox
 import model_store
 from model_sandbox import CHILD_ENV, OPEN_FILES, SOURCE_ROOT, ImportLimits
@@ -72,6 +73,9 @@ def test_the_cli_imports_a_good_model_through_the_sandbox(app, runner, other_mod
     with app.app_context():
         row = next(row for row in model_store.list_models() if row.name == "checked")
         assert row.input_shape == [32, 32, 3] and row.output_kind == "logits"
+        # The child converted it for the serving engine too, and the parent stored that beside it.
+        engine = engine_store.get(row.sha256)
+        assert engine.details["format"] == "litert-fp32" and max(engine.details["probe_max_abs_diff"]) <= 1e-4
 
 
 # Stands in for the child's script: the real child (`_child`: limits, then the description) with
@@ -98,7 +102,7 @@ def outside_uid():
             return outside + uid - inside
 
 
-def report(path, filename, max_params, served_file):
+def report(path, filename, max_params, served_file, engine_options):
     names = ("AS", "CPU", "NOFILE", "FSIZE", "NPROC", "CORE")
     raise model_sandbox.SandboxError(json.dumps({{
         "env": dict(os.environ),

@@ -189,7 +189,7 @@ def test_import_flag_stores_and_activates_the_model(seed_runs, monkeypatch):
         row = model_store.get_active()
         assert (row.name, row.class_names, row.tta) == ("colours", ["blue", "green", "red"], "none")
         # The drift reference fitted on the calibration's held-out images, beside the model and stored with it.
-        assert (out / REFERENCE_FILE).is_file()
+        assert (seed_runs["runs"][1] / REFERENCE_FILE).is_file()
         assert drift_store.reference_summary(row.id)["images"] == model_store.get_calibration(row.id)["heldout_images"]
 
 

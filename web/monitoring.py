@@ -10,7 +10,6 @@ from flask import Blueprint, Response, current_app, render_template
 
 import model_store
 import plot_cache
-import reports
 from monitoring import store, windows
 from web.auth import is_operator, require_page_login
 from web.errors import WebError, html_error
@@ -52,6 +51,8 @@ def drift_plot(model_id: int):
     if not found:
         raise WebError(f"model {model_id} has no drift windows yet", "not_found")
     data = [windows.to_json(w) for w in found]
+    import reports  # matplotlib: imported by the first plot drawn, not by every worker at start-up
+
     # Keyed by the newest window: drawn once per window, then read from the instance folder.
     key = plot_cache.plot_key(row.sha256, "drift", [found[-1].id, len(found)])
     png = plot_cache.cached_png(Path(current_app.instance_path) / "plots", key, partial(reports.drift_png, data))

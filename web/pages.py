@@ -16,7 +16,6 @@ from flask import Blueprint, Response, abort, current_app, flash, redirect, rend
 import model_store
 import plot_cache
 import prediction_history
-import reports
 from database import db
 from inference.calibration import DECISIONS, ECE_BINS
 from web.auth import current_viewer, is_operator, require_page_login
@@ -181,6 +180,8 @@ def model_plot(model_id: int, plot: str):
 
 def _plot_source(row, plot: str) -> tuple[object, Callable[[], bytes]]:
     """What a model-card plot is drawn from, and how; 404 when the model has no such data."""
+    import reports  # matplotlib: imported by the first plot drawn, not by every worker at start-up
+
     metrics = row.metrics
     if plot in ("reliability", "risk_coverage"):
         record = model_store.get_calibration(row.id)

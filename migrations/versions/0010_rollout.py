@@ -1,7 +1,7 @@
 """rollout: champion and challenger state, its append-only event log, per-request observations
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-02 20:40:00
 
 `rollout_state` is one row: the challenger (the champion stays the registry's active version),
@@ -19,7 +19,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
