@@ -2,7 +2,7 @@
 same window, the rollback checks, and what a canary does next (nothing, step, promote, roll back).
 
 Flask-free and database-free: the app feeds it windows read from the history (rollout_state.py)
-and the simulations (benchmarks/rollout.py, tests/test_rollout_checks.py) feed it precomputed
+and the simulations (benchmarks/rollout_simulation.py, tests/test_rollout_checks.py) feed it precomputed
 model outputs, so both judge through this one code path.
 """
 

@@ -3,7 +3,7 @@ champion or (for the canary's share, by the same hash the app routes with) by th
 which the champion then also scores, judged every `check_every` challenger requests by the
 app's own code (rollout_checks.run_checks and decide).
 
-Model outputs are computed once per image (benchmarks/rollout.py: the shipped model on CIFAR-10;
+Model outputs are computed once per image (benchmarks/rollout_simulation.py: the shipped model on CIFAR-10;
 the tests: synthetic ones) and replayed, so twenty seeds of thousands of requests cost seconds.
 Flask-free.
 """

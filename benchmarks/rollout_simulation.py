@@ -16,7 +16,7 @@ rollout_simulation.simulate, which judges with the app's own rollout_checks code
 - swapped: the champion with cat and dog outputs swapped (class distribution unchanged);
 - 20 % cat: the champion answering "cat" for a fixed fifth of the images.
 
-    python benchmarks/rollout.py --seeds 20            # prints markdown, writes benchmarks/results/rollout.json
+    python benchmarks/rollout_simulation.py --seeds 20   # prints markdown, writes benchmarks/results/rollout.json
 """
 
 from __future__ import annotations
