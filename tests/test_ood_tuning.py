@@ -177,3 +177,15 @@ def test_none_of_these_answers_never_become_training_data(app, client, runner, t
     assert result.exit_code == 0 and "wrote 1 images" in result.output, result.output
     written = sorted(path.relative_to(tmp_path / "set").as_posix() for path in (tmp_path / "set").rglob("*.jpg"))
     assert written == [f"{top}/{ids[0]}.jpg"]
+
+
+def test_labels_an_operator_rejected_are_no_evidence(app, runner):
+    force_calibration(app, confidence_threshold=0.0, ood_threshold=CURRENT)
+    labelled(app, "random", "right", np.linspace(-3.0, 0.0, 100))
+    labelled(app, "ood", "none", np.linspace(5.0, 6.0, 10))
+    assert tune(runner)["none_labels"] == 10
+    with app.app_context():
+        (item,) = db.session.scalars(db.select(store.LabelItem).where(store.LabelItem.lane == "ood").limit(1))
+        store.decide(item.prediction_id, "reject", OPERATOR)
+    result = runner.invoke(args=["label-queue", "tune-ood"])
+    assert result.exit_code != 0 and '9 of 10 "none of these" labels' in result.output
