@@ -95,7 +95,7 @@ def _scores_since(row: ModelCalibration) -> datetime:
 def evidence(model_id: int | None = None) -> Evidence:
     """The labelled scores of the ood and random lanes for the model (default: the active one)."""
     row = _calibration(model_id)
-    ood = (model_store.get_calibration(row.model_id) or {})["ood"]
+    ood = model_store.get_calibration(row.model_id)["ood"]
     since = _scores_since(row)
     statement = (
         select(HistoryEntry.id, HistoryEntry.feedback, HistoryEntry.ood_score, store.LabelItem.lane)
