@@ -1,4 +1,5 @@
-"""`flask label-queue ...`: build a round of label requests with the served champion, and list it."""
+"""`flask label-queue ...`: build a round of label requests with the served champion, list it, and
+tune the OOD threshold from its labels."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import click
 import numpy as np
 from flask.cli import AppGroup
 
-from labelling import store
+from cli_rollout import actor
+from labelling import ood_store, store
+from labelling.ood_tuning import Proposal, TooFewLabels
 from labelling.queue import DEFAULT_ROUND_SIZE
 from serving import LoadedModel, Upload
 from web.extensions import model_serving
@@ -79,6 +82,38 @@ def list_command(as_json: bool) -> None:
         if lane.lane == "random" and lane.labelled:
             rate = lane.right / lane.labelled
             click.echo(f"random lane (unbiased accuracy): {lane.right} of {lane.labelled} labelled right, {rate:.0%}")
+
+
+def describe(proposal: Proposal) -> str:
+    """The proposal in words."""
+    return (
+        f"OOD threshold {proposal.current:.3f} now, {proposal.proposed:.3f} supported by the labels "
+        f"({proposal.in_scope_labels} in-scope, {proposal.none_labels} none of these): in-scope images called "
+        f"unknown {proposal.false_unknown_now:.0%} now, {proposal.false_unknown_proposed:.0%} with it "
+        f"(target {proposal.target_false_unknown:.0%}); none-of-these images caught {proposal.caught_now:.0%} now, "
+        f"{proposal.caught_proposed:.0%} with it"
+    )
+
+
+@label_queue_group.command("tune-ood")
+@click.option("--model", "model_id", type=int, help="model id (default: the active model)")
+@click.option("--apply", "apply_it", is_flag=True, help="write the threshold into the model's calibration")
+@click.option("--json", "as_json", is_flag=True, help="print the proposal as JSON")
+def tune_ood_command(model_id: int | None, apply_it: bool, as_json: bool) -> None:
+    """The OOD threshold the ood and random lanes' labels support; --apply writes it (and logs who)."""
+    try:
+        if apply_it:
+            proposal, change = ood_store.apply(actor(), model_id)
+        else:
+            proposal, change = ood_store.proposal(model_id), None
+    except (ood_store.NotTunable, TooFewLabels) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({**proposal.to_dict(), "applied": change is not None}))
+        return
+    click.echo(describe(proposal))
+    if change is not None:
+        click.echo(f"applied to model {change.model_id} by {change.author}: serving workers reload it")
 
 
 COMMANDS = (label_queue_group,)

@@ -306,7 +306,7 @@ def import_model(
         db.session.flush()
         engine_store.put(row.sha256, engine, described["engine"], sha256_of(engine))
         if calibration_record:
-            _put_calibration(row.id, calibration_record)
+            put_calibration(row.id, calibration_record)
         if activate or get_active() is None:
             set_active(row)
     return row
@@ -374,15 +374,18 @@ def set_calibration(model_id: int, record: dict) -> None:
     """Store (or replace) a model's calibration; a serving process reloads it on activation."""
     get_model(model_id)
     with _transaction():
-        _put_calibration(model_id, record)
+        put_calibration(model_id, record)
 
 
-def _put_calibration(model_id: int, record: dict) -> None:
+def put_calibration(model_id: int, record: dict) -> datetime:
+    """Store (or replace) a model's calibration in the caller's transaction; its new time, which
+    makes serving workers reload the model (serving.registry_assignments)."""
     row = db.session.get(ModelCalibration, model_id) or ModelCalibration(model_id=model_id)
     row.created_at = datetime.now(UTC)
     row.summary = calibration.summary(record)
     row.record, row.stats = calibration.split_record(record)
     db.session.add(row)
+    return row.created_at
 
 
 def set_active(row: ModelVersion) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from labelling import store
+from labelling import ood_store, store
 from web.auth import current_viewer, is_operator
 from web.errors import html_error
 from web.extensions import login_manager
@@ -77,6 +77,8 @@ def queue_page():
         lanes=store.summary(label_round) if label_round else [],
         items=store.round_items(label_round) if label_round else [],
         held=store.held(),
+        ood=ood_store.status(),
+        ood_changes=ood_store.changes(),
     )
 
 
