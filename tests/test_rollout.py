@@ -308,3 +308,21 @@ def test_two_instances_follow_start_step_and_rollback_within_the_poll_interval(a
 def test_bad_rollout_commands_say_why(runner, args):
     result = runner.invoke(args=["models", *args])
     assert result.exit_code != 0 and "Error" in result.output
+
+
+def test_the_running_challenger_is_not_deleted_until_rolled_back(app, client, runner, other_model_file):
+    # Deleted mid-canary, the state still named it: the audit said it answered the requests the
+    # champion answered after the deletion.
+    other = _import(app, other_model_file)
+    assert runner.invoke(args=["models", "canary", str(other), "--share", "100"]).exit_code == 0
+    refused = runner.invoke(args=["models", "delete", str(other)])
+    assert refused.exit_code != 0 and f"model {other} is the challenger (canary)" in refused.output
+    with app.app_context():
+        assert model_store.get_model(other).id == other
+    assert runner.invoke(args=["models", "rollback"]).exit_code == 0
+    assert runner.invoke(args=["models", "delete", str(other)]).exit_code == 0
+    serve_registry(app)
+    _ask(client, 0)
+    with app.app_context():
+        row = db.session.scalars(select(HistoryEntry)).one()
+        assert rollout_state.served_at(row.created_at, row.image_sha256).answered_by_id == row.model_id == 1
