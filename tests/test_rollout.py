@@ -238,7 +238,10 @@ def test_the_models_page_shows_the_comparison_and_buttons_to_operators_only(make
     member.post("/login", data={"username": "member", "password": "correct horse", "csrf_token": _token(member)})
     page = member.get("/models").get_data(as_text=True)
     assert "Challenger: challenger v1" in page and "Promote the challenger" not in page
-    assert member.post("/models/promote", data={"csrf_token": _token(member)}).status_code == 401
+    # A member is refused (403), not asked to log in (401) as the anonymous are.
+    assert member.post("/models/promote", data={"csrf_token": _token(member)}).status_code == 403
+    anonymous = app.test_client()
+    assert anonymous.post("/models/promote", data={"csrf_token": _token(anonymous)}).status_code == 401
     operator = app.test_client()
     operator.post("/login", data={"username": "op", "password": "correct horse", "csrf_token": _token(operator)})
     page = operator.get("/models").get_data(as_text=True)
