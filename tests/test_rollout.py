@@ -8,6 +8,8 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
@@ -112,11 +114,10 @@ def test_shadow_answers_never_reach_the_person_nor_change_the_history(app, clien
     assert "shadow (sample 1)" in text and "paired     6 requests" in text and "confident conflicts  " in text
 
 
-def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
-    other = _import(app, other_model_file)
-    runner.invoke(args=["models", "shadow", str(other)])
-    serve_registry(app)
-    worker = _worker(app)
+@contextmanager
+def held_challenger(app) -> Iterator[threading.Event]:
+    """Hold the challenger's off-path scoring until the block ends; the event is set once a
+    job is held in it."""
     release, started = threading.Event(), threading.Event()
     challenger = app.extensions["model_serving"].slots.slot("challenger")
     original = challenger.score
@@ -128,15 +129,43 @@ def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, 
 
     object.__setattr__(challenger, "score", held)  # this one model only (LoadedModel is frozen)
     try:
+        yield started
+    finally:
+        release.set()
+        object.__delattr__(challenger, "score")
+
+
+def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "shadow", str(other)])
+    serve_registry(app)
+    worker = _worker(app)
+    with held_challenger(app) as started:
         _ask(client, 0)  # taken by the thread, held in the challenger's scoring
         assert started.wait(10)
         for seed in range(1, 80):
             _ask(client, seed)  # answered at once: the full queue drops, never waits
-    finally:
-        release.set()
-        object.__delattr__(challenger, "score")
     assert worker.counts["dropped"] == 79 - 64  # the queue holds 64; the 65th on is dropped
     assert worker.wait_idle()
+
+
+def test_a_prediction_deleted_before_its_shadow_answer_is_written_keeps_the_requests_observations(
+    app, client, runner, other_model_file
+):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "shadow", str(other)])
+    serve_registry(app)
+    worker = _worker(app)
+    with held_challenger(app) as started:
+        (prediction,) = _ask(client, 0)["predictions"]
+        assert started.wait(10)
+        # Its owner deletes it while the challenger still scores it off the path.
+        assert client.post(f"/predictions/{prediction['id']}/delete").status_code == 302
+    assert worker.wait_idle()
+    assert worker.counts["failed"] == 0 and worker.counts["done"] == 1
+    with app.app_context():
+        observed = db.session.scalars(select(rollout_state.RolloutObservation.model_id)).all()
+        assert sorted(observed) == [1, other] and db.session.scalar(select(ModelOutput.id)) is None
 
 
 def test_a_challenger_that_fails_answers_nothing_the_champion_answers_and_the_failure_counts(

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from flask import Flask, current_app
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 import model_store
 import serving
@@ -177,7 +178,14 @@ class OffPathWorker:
             observation, outputs = _score_companion(job, now)
             observations.append(observation)
         db.session.add_all([*observations, *outputs])
-        db.session.commit()
+        try:
+            db.session.commit()
+        except IntegrityError:
+            # A prediction was deleted meanwhile (its owner, the retention purge): its answers
+            # go with it; the observations of both models still count for the checks.
+            db.session.rollback()
+            db.session.add_all(observations)
+            db.session.commit()
         if job.companion is not None and not stale:
             self._count("done")
         rollout_state.maybe_check()
