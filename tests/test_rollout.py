@@ -135,6 +135,21 @@ def held_challenger(app) -> Iterator[threading.Event]:
         object.__delattr__(challenger, "score")
 
 
+def test_a_canary_answers_map_is_drawn_by_the_challenger_that_made_it(app, client, runner, other_model_file):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "canary", str(other), "--share", "100"])
+    serve_registry(app)
+    (prediction,) = _ask(client, 0)["predictions"]
+    page = client.get(f"/predictions/{prediction['id']}/explain")
+    assert page.status_code == 200
+    text = " ".join(page.get_data(as_text=True).split())
+    assert "The map is drawn by challenger v1" in text and "not the version that made the prediction" not in text
+    runner.invoke(args=["models", "rollback"])
+    serve_registry(app)  # the challenger is no longer served: the champion draws it, and says so
+    text = " ".join(client.get(f"/predictions/{prediction['id']}/explain").get_data(as_text=True).split())
+    assert "The map is drawn by seed v1" in text and "not the version that made the prediction" in text
+
+
 def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
     other = _import(app, other_model_file)
     runner.invoke(args=["models", "shadow", str(other)])
