@@ -174,10 +174,10 @@ def upgrade_files_command() -> None:
 @models_group.command("delete")
 @click.argument("model_id", type=int)
 def delete_command(model_id: int) -> None:
-    """Delete an inactive version."""
+    """Delete an inactive version that is not the running challenger."""
     try:
-        model_store.delete(model_id)
-    except ModelStoreError as exc:
+        rollout_state.delete(model_id)
+    except (ModelStoreError, rollout_state.RolloutError) as exc:
         _fail(str(exc))
     click.echo(f"deleted model {model_id}")
 

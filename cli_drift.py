@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -11,6 +11,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 import model_store
+from cli_types import ISO_TIME
 from model_store import ModelStoreError
 from monitoring import store, windows
 from monitoring.reference import Reference
@@ -32,23 +33,13 @@ def store_reference_file(model_id: int, path: Path) -> str:
     return f"drift reference stored ({len(reference.sample)} held-out images)"
 
 
-def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not an ISO time such as 2026-12-01 or 2026-12-01T08:00") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 @drift_group.command("report")
-@click.option("--since", help="only windows starting at or after this ISO time (UTC unless it says)")
+@click.option("--since", type=ISO_TIME, help="only windows starting at or after this ISO time (UTC unless it says)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON: {'windows': [...]}")
-def report_command(since: str | None, as_json: bool) -> None:
+def report_command(since: datetime | None, as_json: bool) -> None:
     """Every closed drift window: its count, estimated accuracy and alerts (input, prediction, model)."""
     windows.close_all()
-    found = windows.windows(_since(since))
+    found = windows.windows(since)
     if as_json:
         click.echo(json.dumps({"windows": [windows.to_json(w) for w in found]}, indent=2))
         return

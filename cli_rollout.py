@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import getpass
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 
 import click
 from flask.cli import with_appcontext
 
 from app_errors import AppError
+from cli_types import ISO_TIME
 from rollout import state as rollout_state
 from rollout.checks import Criteria
 
@@ -129,26 +130,15 @@ def _summary_line(summary: dict) -> str:
     )
 
 
-def _parse_time(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"{text!r} is not an ISO time such as 2026-12-02T21:00:00Z") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 @click.command("audit")
 @with_appcontext
-@click.option("--at", "at", help="which version answered at this ISO time (UTC unless a zone is given)")
+@click.option("--at", "at", type=ISO_TIME, help="which version answered at this ISO time (UTC unless a zone is given)")
 @click.option("--image", "image_sha256", help="with --at: the image's sha256, to name the version that answered it")
 @click.option("--json", "as_json", is_flag=True)
-def audit_command(at: str | None, image_sha256: str | None, as_json: bool) -> None:
+def audit_command(at: datetime | None, image_sha256: str | None, as_json: bool) -> None:
     """The record of who served when: every event, or who served at one moment (--at)."""
-    moment = _parse_time(at)
-    if moment is not None:
-        served = rollout_state.served_at(moment, image_sha256)
+    if at is not None:
+        served = rollout_state.served_at(at, image_sha256)
         if as_json:
             click.echo(json.dumps(served.to_dict(), indent=2))
             return

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from devtools.machine import cpu_model
+from devtools.measure import p50_ms, smaps_rollup_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -58,12 +59,9 @@ def cpu_name() -> str:
 
 
 def memory_mb() -> dict:
-    """This process's memory from /proc/self/smaps_rollup, MB: PSS (shared pages divided among
-    the processes mapping them), RSS, and USS (its private pages only)."""
-    fields = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":", 1)
-        fields[name] = int(value.split()[0]) / 1024
+    """This process's memory, MB: PSS (shared pages divided among the processes mapping them),
+    RSS, and USS (its private pages only)."""
+    fields = smaps_rollup_mb()
     return {
         "pss_mb": fields["Pss"],
         "rss_mb": fields["Rss"],
@@ -97,16 +95,6 @@ def scaled(spec: ModelSpec, count: int, seed: int = 0) -> np.ndarray:
 def views_of(spec: ModelSpec, count: int, seed: int = 0) -> np.ndarray:
     """`count` random images as the model receives them: scaled, with their test-time views."""
     return tta_views(scaled(spec, count, seed), spec.tta)[0]
-
-
-def p50_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def calls_per_s(calls, per_thread: int) -> float:

@@ -39,9 +39,12 @@ from serve import jpeg_bytes, load  # noqa: E402
 
 from devtools.devserver import Server  # noqa: E402
 from devtools.machine import cpu_model  # noqa: E402
+from devtools.measure import p50_ms  # noqa: E402
 
 # The last commit whose workers served with TensorFlow (before the lean engine was wired in).
 DEFAULT_BASELINE = "26b0afc"
+# Calls per timed p50 of the model call and of the scoring.
+REPEATS = 300
 # Both checkouts' code imports the model, with its calibration whole (calibration.safetensors).
 PREPARE = """
 import os, sys, tempfile
@@ -80,16 +83,6 @@ def serve_and_load(root: Path, instance: Path, args, body: bytes) -> dict:
     finally:
         server.stop()
     return figures
-
-
-def p50_ms(call, repeats: int = 300) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return round(1000 * statistics.median(times), 3)
 
 
 def threaded_calls_per_s(call, threads: int, seconds: float) -> float:
@@ -131,8 +124,8 @@ def engine_figures(instance: Path, seconds: float) -> dict:
     figures = {"views": len(views)}
     for name, predictor in (("tensorflow", tensorflow), ("litert", lean), ("tensorflow", tensorflow), ("litert", lean)):
         figures.setdefault(name, {"model_call_p50_ms": [], "scoring_p50_ms": []})
-        figures[name]["model_call_p50_ms"].append(p50_ms(lambda p=predictor: p._forward(views)))
-        figures[name]["scoring_p50_ms"].append(p50_ms(lambda p=predictor: p.score_arrays(image)))
+        figures[name]["model_call_p50_ms"].append(p50_ms(lambda p=predictor: p._forward(views), REPEATS))
+        figures[name]["scoring_p50_ms"].append(p50_ms(lambda p=predictor: p.score_arrays(image), REPEATS))
     figures["litert"]["c8_calls_per_s"] = threaded_calls_per_s(lambda: lean._forward(views), 8, seconds)
     figures["litert"]["c8_scorings_per_s"] = threaded_calls_per_s(lambda: lean.score_arrays(image), 8, seconds)
     return figures

@@ -22,9 +22,7 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +34,7 @@ from serve import jpeg_bytes  # noqa: E402
 
 from devtools.devserver import prepare_instance  # noqa: E402
 from devtools.machine import cpu_model  # noqa: E402
-
-
-def p50_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return round(1000 * statistics.median(times), 3)
+from devtools.measure import p50_ms  # noqa: E402
 
 
 def main() -> int:

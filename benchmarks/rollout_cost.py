@@ -27,18 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from devtools.machine import cpu_model  # noqa: E402
+from devtools.measure import smaps_rollup_mb  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def memory_mb() -> dict[str, float]:
     """This process's resident and proportional set sizes, in MB."""
-    values = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            values[key.lower()] = int(rest.split()[0]) / 1024
-    return values
+    fields = smaps_rollup_mb()
+    return {"rss": fields["Rss"], "pss": fields["Pss"]}
 
 
 def test_jpegs(archive: Path, count: int) -> list[bytes]:

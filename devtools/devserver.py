@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from devtools.measure import smaps_rollup_mb
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository, where gunicorn.conf.py is
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -49,11 +51,9 @@ def worker_memory_by_pid(master_pid: int, field: str = "Rss") -> dict[int, float
     sizes = {}
     for pid in worker_pids(master_pid):
         try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            sizes[pid] = round(smaps_rollup_mb(pid)[field], 1)
         except OSError:
             continue
-        kb = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(field + ":"))
-        sizes[pid] = round(kb / 1024, 1)
     return sizes
 
 

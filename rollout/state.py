@@ -209,6 +209,19 @@ def activate(model_id: int, actor: str, reason: str | None = None) -> ModelVersi
     return row
 
 
+def delete(model_id: int) -> None:
+    """Delete an inactive version (`flask models delete`) that is not the running challenger:
+    deleting it would leave the state naming a canary no worker serves, and the audit would
+    name it for requests the champion answered."""
+    state = get_state()
+    if state.mode != "off" and state.challenger_id == model_id:
+        db.session.rollback()  # the state row may have been made here
+        raise RolloutError(
+            f"model {model_id} is the challenger ({state.mode}): roll it back (`flask models rollback`) first"
+        )
+    model_store.delete(model_id)
+
+
 def record_activation(row: ModelVersion, actor: str, reason: str) -> None:
     """Record a version made active outside this module (an import with --activate, or the
     registry's first version), ending any challenger."""

@@ -141,6 +141,10 @@ def test_monitoring_page_plot_and_gauges(monitored):
     client = monitored.test_client()
     send(client, uniform_images(4, 500))
     assert client.get("/monitoring").status_code == 401
+    make_user(monitored.test_cli_runner(), "member")
+    login(client, "member")
+    refused = client.get("/monitoring")  # logged in, but not as an operator: logging in again won't help
+    assert refused.status_code == 403 and "for operators" in refused.get_data(as_text=True)
     make_user(monitored.test_cli_runner(), "ops", role="operator")
     login(client, "ops")
     page = client.get("/monitoring")

@@ -8,6 +8,8 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
@@ -112,11 +114,10 @@ def test_shadow_answers_never_reach_the_person_nor_change_the_history(app, clien
     assert "shadow (sample 1)" in text and "paired     6 requests" in text and "confident conflicts  " in text
 
 
-def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
-    other = _import(app, other_model_file)
-    runner.invoke(args=["models", "shadow", str(other)])
-    serve_registry(app)
-    worker = _worker(app)
+@contextmanager
+def held_challenger(app) -> Iterator[threading.Event]:
+    """Hold the challenger's off-path scoring until the block ends; the event is set once a
+    job is held in it."""
     release, started = threading.Event(), threading.Event()
     challenger = app.extensions["model_serving"].slots.slot("challenger")
     original = challenger.score
@@ -128,15 +129,58 @@ def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, 
 
     object.__setattr__(challenger, "score", held)  # this one model only (LoadedModel is frozen)
     try:
+        yield started
+    finally:
+        release.set()
+        object.__delattr__(challenger, "score")
+
+
+def test_a_canary_answers_map_is_drawn_by_the_challenger_that_made_it(app, client, runner, other_model_file):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "canary", str(other), "--share", "100"])
+    serve_registry(app)
+    (prediction,) = _ask(client, 0)["predictions"]
+    page = client.get(f"/predictions/{prediction['id']}/explain")
+    assert page.status_code == 200
+    text = " ".join(page.get_data(as_text=True).split())
+    assert "The map is drawn by challenger v1" in text and "not the version that made the prediction" not in text
+    runner.invoke(args=["models", "rollback"])
+    serve_registry(app)  # the challenger is no longer served: the champion draws it, and says so
+    text = " ".join(client.get(f"/predictions/{prediction['id']}/explain").get_data(as_text=True).split())
+    assert "The map is drawn by seed v1" in text and "not the version that made the prediction" in text
+
+
+def test_a_full_off_path_queue_drops_the_job_and_counts_it_without_waiting(app, client, runner, other_model_file):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "shadow", str(other)])
+    serve_registry(app)
+    worker = _worker(app)
+    with held_challenger(app) as started:
         _ask(client, 0)  # taken by the thread, held in the challenger's scoring
         assert started.wait(10)
         for seed in range(1, 80):
             _ask(client, seed)  # answered at once: the full queue drops, never waits
-    finally:
-        release.set()
-        object.__delattr__(challenger, "score")
     assert worker.counts["dropped"] == 79 - 64  # the queue holds 64; the 65th on is dropped
     assert worker.wait_idle()
+
+
+def test_a_prediction_deleted_before_its_shadow_answer_is_written_keeps_the_requests_observations(
+    app, client, runner, other_model_file
+):
+    other = _import(app, other_model_file)
+    runner.invoke(args=["models", "shadow", str(other)])
+    serve_registry(app)
+    worker = _worker(app)
+    with held_challenger(app) as started:
+        (prediction,) = _ask(client, 0)["predictions"]
+        assert started.wait(10)
+        # Its owner deletes it while the challenger still scores it off the path.
+        assert client.post(f"/predictions/{prediction['id']}/delete").status_code == 302
+    assert worker.wait_idle()
+    assert worker.counts["failed"] == 0 and worker.counts["done"] == 1
+    with app.app_context():
+        observed = db.session.scalars(select(rollout_state.RolloutObservation.model_id)).all()
+        assert sorted(observed) == [1, other] and db.session.scalar(select(ModelOutput.id)) is None
 
 
 def test_a_challenger_that_fails_answers_nothing_the_champion_answers_and_the_failure_counts(
@@ -238,7 +282,10 @@ def test_the_models_page_shows_the_comparison_and_buttons_to_operators_only(make
     member.post("/login", data={"username": "member", "password": "correct horse", "csrf_token": _token(member)})
     page = member.get("/models").get_data(as_text=True)
     assert "Challenger: challenger v1" in page and "Promote the challenger" not in page
-    assert member.post("/models/promote", data={"csrf_token": _token(member)}).status_code == 401
+    # A member is refused (403), not asked to log in (401) as the anonymous are.
+    assert member.post("/models/promote", data={"csrf_token": _token(member)}).status_code == 403
+    anonymous = app.test_client()
+    assert anonymous.post("/models/promote", data={"csrf_token": _token(anonymous)}).status_code == 401
     operator = app.test_client()
     operator.post("/login", data={"username": "op", "password": "correct horse", "csrf_token": _token(operator)})
     page = operator.get("/models").get_data(as_text=True)
@@ -308,3 +355,21 @@ def test_two_instances_follow_start_step_and_rollback_within_the_poll_interval(a
 def test_bad_rollout_commands_say_why(runner, args):
     result = runner.invoke(args=["models", *args])
     assert result.exit_code != 0 and "Error" in result.output
+
+
+def test_the_running_challenger_is_not_deleted_until_rolled_back(app, client, runner, other_model_file):
+    # Deleted mid-canary, the state still named it: the audit said it answered the requests the
+    # champion answered after the deletion.
+    other = _import(app, other_model_file)
+    assert runner.invoke(args=["models", "canary", str(other), "--share", "100"]).exit_code == 0
+    refused = runner.invoke(args=["models", "delete", str(other)])
+    assert refused.exit_code != 0 and f"model {other} is the challenger (canary)" in refused.output
+    with app.app_context():
+        assert model_store.get_model(other).id == other
+    assert runner.invoke(args=["models", "rollback"]).exit_code == 0
+    assert runner.invoke(args=["models", "delete", str(other)]).exit_code == 0
+    serve_registry(app)
+    _ask(client, 0)
+    with app.app_context():
+        row = db.session.scalars(select(HistoryEntry)).one()
+        assert rollout_state.served_at(row.created_at, row.image_sha256).answered_by_id == row.model_id == 1

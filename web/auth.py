@@ -150,6 +150,16 @@ def is_operator() -> bool:
     return bool(current_user.is_authenticated and current_user.is_operator)
 
 
+def require_operator(what: str) -> None:
+    """Refuse anyone but an operator: 401 (log in) when anonymous, 403 to a member, whom
+    logging in again would not help."""
+    if is_operator():
+        return
+    if current_user.is_authenticated:
+        raise WebError(f"{what} is for operators; your account is a member's.", "forbidden")
+    raise WebError(f"{what} is for operators: log in as one.", "unauthorized")
+
+
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host in LOOPBACK_NAMES:

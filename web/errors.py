@@ -26,6 +26,7 @@ STATUS_BY_CODE = {
     "unauthorized": 401,
     "csrf": 400,
     "cross_site": 403,
+    "forbidden": 403,
     "not_found": 404,
     "too_large": 413,
     "too_many_images": 413,

@@ -8,11 +8,11 @@ static/label.js's, and each is a plain submit button without it.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
 from labelling import ood_store, store
-from web.auth import current_viewer, is_operator
+from web.auth import current_viewer, require_operator
 from web.errors import html_error
 from web.extensions import login_manager
 from web.pages import MAX_ID
@@ -68,8 +68,7 @@ def answer(item_id: int):
 @bp.get("/queue")
 @no_store
 def queue_page():
-    if not is_operator():
-        abort(403)
+    require_operator("The label queue")
     label_round = store.latest_round()
     return render_template(
         "label_queue.html",
@@ -84,8 +83,7 @@ def queue_page():
 
 @bp.post(f"/held/<int(max={MAX_ID}):prediction_id>")
 def decide(prediction_id: int):
-    if not is_operator():
-        abort(403)
+    require_operator("Deciding on held feedback")
     stance = request.form.get("decision", "")
     row = store.decide(prediction_id, stance, current_viewer())
     flash(f"Feedback on #{row.id} ({row.filename}) {'confirmed' if stance == 'confirm' else 'rejected'}.")

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, render_template
 import model_store
 import plot_cache
 from monitoring import store, windows
-from web.auth import is_operator, require_page_login
+from web.auth import require_operator, require_page_login
 from web.errors import WebError, html_error
 
 bp = Blueprint("monitoring", __name__)
@@ -24,8 +24,7 @@ PLOTTED_WINDOWS = 200
 
 @bp.before_request
 def operators_only() -> None:
-    if not is_operator():
-        raise WebError("The Monitoring page is for operators: log in as one.", "unauthorized")
+    require_operator("The Monitoring page")
 
 
 @bp.get("/monitoring")

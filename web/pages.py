@@ -116,12 +116,14 @@ def prediction_thumbnail(prediction_id: int):
 @no_store
 @explain_limit
 def prediction_explain(prediction_id: int):
-    """Where the served model looks in a recorded image for the class chosen (the top class by
-    default), drawn from the kept thumbnail."""
+    """Where the model looks in a recorded image for the class chosen (the top class by default),
+    drawn from the kept thumbnail: the version that made the prediction while a slot serves it (a
+    canary's challenger, say), else the champion."""
     row = prediction_history.get(prediction_id, current_viewer())
     if not row.thumbnail:
         abort(404, "This image was not kept (KEEP_IMAGES is off), so no map can be drawn for it.")
-    loaded = model_serving.slot()
+    served = {loaded.id: loaded for loaded in model_serving.slots.loaded().values()}
+    loaded = served.get(row.model_id) or model_serving.slot()
     class_name = request.args.get("class") or row.top_class
     saliency = model_serving.explain_image(loaded, row.thumbnail, class_name, PAGE_OVERLAY_SIDE)
     return render_template("explain.html", prediction=row, saliency=saliency, answered_by=loaded)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from flask import Flask, current_app
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 import model_store
 import serving
@@ -175,10 +176,11 @@ class OffPathWorker:
 
     def _process(self, jobs: list[Job]) -> None:
         now = datetime.now(UTC)
-        rows: list = []
+        observations: list[rollout_state.RolloutObservation] = []
+        outputs: list[ModelOutput] = []
         outcomes = []
         for job in jobs:
-            rows.append(
+            observations.append(
                 rollout_state.RolloutObservation(
                     created_at=now,
                     model_id=job.answered.id,
@@ -192,11 +194,19 @@ class OffPathWorker:
             if time.monotonic() - job.queued > self.timeout_s:
                 outcomes.append("stale")
                 continue
-            observation, outputs = _score_companion(job, now)
-            rows += [observation, *outputs]
+            observation, job_outputs = _score_companion(job, now)
+            observations.append(observation)
+            outputs += job_outputs
             outcomes.append("done")
-        db.session.add_all(rows)
-        db.session.commit()
+        db.session.add_all([*observations, *outputs])
+        try:
+            db.session.commit()
+        except IntegrityError:
+            # A prediction was deleted meanwhile (its owner, the retention purge): its answers
+            # go with it; the observations of both models still count for the checks.
+            db.session.rollback()
+            db.session.add_all(observations)
+            db.session.commit()
         for outcome in outcomes:
             self._count(outcome)
         rollout_state.maybe_check()

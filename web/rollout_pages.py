@@ -13,8 +13,7 @@ from app_errors import AppError
 from database import db
 from model_store import ModelVersion
 from rollout import state as rollout_state
-from web.auth import current_viewer, is_operator
-from web.errors import WebError
+from web.auth import current_viewer, require_operator
 
 bp = Blueprint("rollout", __name__)
 
@@ -37,8 +36,7 @@ def rollout_view(operator: bool) -> dict:
 
 
 def _operator_action(action: Callable[[str], str]):
-    if not is_operator():
-        raise WebError("Only operators may promote or roll back a challenger.", "unauthorized")
+    require_operator("Promoting or rolling back a challenger")
     try:
         flash(action(current_viewer().name or "operator"))
     except AppError as exc:
