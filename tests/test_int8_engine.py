@@ -127,3 +127,30 @@ def test_a_file_stored_with_one_conversion_is_not_imported_with_another(app, run
     with app.app_context():
         assert len(model_store.list_models()) == 1
         assert engine_store.get(model_store.get_model(1).sha256).format == "litert-fp32"
+
+
+def test_an_int8_import_does_not_store_the_calibration_fitted_on_the_keras_model(app, seed_model_file):
+    from helpers import FORCED, force_calibration
+
+    record = force_calibration(app, **FORCED["unsure"])  # fitted on the Keras model, as train.py's
+    with app.app_context():
+        row = model_store.import_model(seed_model_file, name="q", metrics={"calibration": record}, engine="int8")
+        assert model_store.get_calibration(row.id) is None and "calibration" not in row.metrics
+        fp32 = model_store.import_model(seed_model_file, name="f", metrics={"calibration": record})
+        assert model_store.get_calibration(fp32.id) is not None  # an fp32 import keeps it
+
+
+def test_upgrade_files_converts_an_int8_version_again_as_int8(app, runner, other_model_file):
+    from helpers import FORCED, force_calibration
+
+    with app.app_context():
+        sha256 = _import_int8(runner, other_model_file).sha256
+    force_calibration(app, **FORCED["confident"])  # a calibration naming OOD layers...
+    with app.app_context():
+        stored = engine_store.get(sha256)
+        stored.details = {**stored.details, "feature_layers": []}  # ...its conversion lacks
+        model_store.db.session.commit()
+    result = runner.invoke(args=["models", "upgrade-files"])
+    assert result.exit_code == 0 and "no features of its OOD layers" in result.output, result.output
+    with app.app_context():
+        assert engine_store.get(sha256).format == INT8
