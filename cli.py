@@ -16,6 +16,7 @@ from cli_drift import drift_group, store_reference_file
 from cli_label_queue import COMMANDS as LABEL_QUEUE_COMMANDS
 from database import db
 from inference import heatmap
+from inference.lite_engine import INT8_FORMAT, LiteEngine
 from labelling import store as label_store
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
@@ -74,7 +75,16 @@ def init_db_command() -> None:
 )
 @click.option("--activate", is_flag=True, help="make it the active model")
 @click.option("--if-empty", is_flag=True, help="only import when the registry has no model yet")
-def import_model_command(path, name, classes, input_scale, output_kind, metrics_path, activate, if_empty) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(model_store.ENGINES),
+    default="fp32",
+    show_default=True,
+    help="the serving engine's conversion: int8 (dynamic range) is faster and smaller but needs `flask calibrate`",
+)
+def import_model_command(
+    path, name, classes, input_scale, output_kind, metrics_path, activate, if_empty, engine
+) -> None:
     """Validate a Keras model file and store it as a new version."""
     if if_empty and model_store.list_models():
         click.echo("the registry already has models; nothing imported")
@@ -93,6 +103,7 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
             output_kind=output_kind,
             activate=activate,
             limits=ImportLimits.from_config(current_app.config),
+            engine=engine,
         )
     except ModelStoreError as exc:
         _fail(f"import refused, nothing was stored: {exc}")
@@ -100,7 +111,13 @@ def import_model_command(path, name, classes, input_scale, output_kind, metrics_
         rollout_state.record_activation(row, cli_rollout.actor(), "imported as the active version")
     state = "active" if row.is_active else "inactive"
     click.echo(f"imported {path.name} as model {row.id}: {row.name} v{row.version} ({state}, sha256 {row.sha256[:12]})")
-    if path.with_name(REFERENCE_FILE).is_file():
+    if engine == "int8":
+        click.echo(
+            f"served through a dynamic-range int8 conversion, uncalibrated: a calibration and drift reference "
+            f"fitted on the Keras model are not stored; fit them on its int8 outputs with "
+            f"`flask calibrate {row.id} --data DIR`"
+        )
+    elif path.with_name(REFERENCE_FILE).is_file():
         click.echo(store_reference_file(row.id, path.with_name(REFERENCE_FILE)))
 
 
@@ -293,9 +310,10 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
     try:
         row = model_store.get_model(model_id)
         model = model_store.load_keras_model(model_store.served_file(row, current_app.config["MODEL_CACHE_DIR"]))
+        engine = _int8_engine(row)
         splits = folder_splits(spec_of(row), data, val_fraction, seed)
-        record = calibrate_folder(model, spec_of(row), splits, target_accuracy=target_accuracy)
-        reference = fit_drift_reference(model, spec_of(row), record, splits.heldout_images, splits.source)
+        record = calibrate_folder(model, spec_of(row), splits, target_accuracy=target_accuracy, engine=engine)
+        reference = fit_drift_reference(model, spec_of(row), record, splits.heldout_images, splits.source, engine)
         model_store.set_calibration(model_id, record)
         drift_store.set_reference(model_id, reference)
     except (ModelStoreError, ValueError) as exc:
@@ -305,8 +323,15 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
         f"model {model_id} calibrated: temperature {record['temperature']:.3f} ({record['logit_norm']} logit norm), "
         f"'not sure' below {record['confidence_threshold'] * 100:.1f}%; ECE {before['ece']:.3f} -> {after['ece']:.3f}, "
         f"coverage at 98%/99% accuracy {after['coverage_at_98'] * 100:.1f}%/{after['coverage_at_99'] * 100:.1f}% "
-        f"({record['measured_on']} split, {after['images']} images)"
+        f"({record['measured_on']} split, {after['images']} images; fitted on {record['fitted_on']} outputs)"
     )
+
+
+def _int8_engine(row) -> LiteEngine | None:
+    """The version's served int8 conversion, whose outputs its calibration must be fitted on (an fp32
+    conversion answers as Keras does: None, fitted on the Keras model)."""
+    path, metadata = model_store.served_engine_file(row, current_app.config["MODEL_CACHE_DIR"])
+    return LiteEngine(path.read_bytes(), metadata) if metadata["format"] == INT8_FORMAT else None
 
 
 def register_commands(app: Flask) -> None:

@@ -207,13 +207,15 @@ def convert_for_engine(model, filename: str, engine_file: Path, options: dict) -
     metadata. Its pooled feature outputs are every block end of the network (the OOD layers any
     calibration picks by default, and the penultimate block) and `options["feature_layers"]` (a
     calibration's own), the deepest named as `penultimate_layer`; `options["explain_layer"]` is the
-    metadata's Grad-CAM layer. The conversion is checked against Keras on a probe batch
-    (lite_engine.convert)."""
+    metadata's Grad-CAM layer; `options["quantize"]` makes it dynamic-range int8 (`--engine int8`).
+    The conversion is checked against Keras on a probe batch (lite_engine.convert)."""
     from inference import lite_engine, ood
 
     layers = tuple(dict.fromkeys([*options.get("feature_layers", ()), *ood.block_ends(model)]))
     try:
-        converted = lite_engine.convert(model, layers, options.get("explain_layer"))
+        converted = lite_engine.convert(
+            model, layers, options.get("explain_layer"), quantize=options.get("quantize", False)
+        )
     except lite_engine.ConversionError as exc:
         raise SandboxError(
             f"{filename}: its conversion for the serving engine does not answer as it does: {exc}"

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Mapped, deferred, mapped_column
 import engine_store
 from database import db
 from inference import calibration
+from inference.lite_engine import INT8_FORMAT
 from model_sandbox import (
     EXPORT_SUFFIXES,
     ImportLimits,
@@ -56,6 +57,8 @@ from registry.model_formats import load_keras_model as load_keras_model  # the l
 from registry.model_spec import SETTING_DEFAULTS, ModelSpec
 
 FIRST_REVISION = "0001"
+# The serving engine's conversions an import may store (`flask models import --engine`).
+ENGINES = ("fp32", "int8")
 # The metrics anyone may see (the API, the model card): an allow-list, so a key a new script adds
 # stays for operators until it is listed here. True: the whole value; a dict: those of its keys.
 # Left out: where and how the model was trained (paths, commands, the data's hash, report files),
@@ -245,12 +248,16 @@ def import_model(
     tta: str | None = None,
     activate: bool = False,
     limits: ImportLimits | None = None,
+    engine: str = "fp32",
 ) -> ModelVersion:
     """Validate a model file and store it as the next version of `name`, in one transaction.
 
     Settings not given come from `metrics` (as train.py writes them), then from the file itself,
     then from the seed's defaults. The first model stored is activated whatever `activate` says.
     `limits` caps the file (the CLI passes the app's, with the validation load in a child process).
+    `engine` "int8" stores a dynamic-range int8 conversion for serving instead of fp32; the
+    metrics' calibration (fitted on the Keras model) is then not stored: `flask calibrate` refits
+    it on the int8 outputs (lite_engine.check_calibration_fits refuses the mix).
     """
     path = Path(path)
     limits = limits or ImportLimits(isolated=False)
@@ -266,8 +273,9 @@ def import_model(
     metrics = metrics_schema.normalise(metrics or {})
     # train.py puts the calibration fitted on its held-out split here; it is stored on its own.
     calibration_record = metrics.pop("calibration", None)
-    options = _engine_options(metrics.get("explain_layer"), calibration_record)
-    described, served, engine = inspect_model_bytes(data, path.name, limits, options)
+    quantize = _check_choice(engine, ENGINES, "engine") == "int8"
+    options = {**_engine_options(metrics.get("explain_layer"), calibration_record), "quantize": quantize}
+    described, served, conversion = inspect_model_bytes(data, path.name, limits, options)
     # What the file says of its output comes after what the caller and the metrics say.
     spec = ModelSpec.from_metrics(
         {"output_kind": described["output_kind"], **metrics},
@@ -302,14 +310,28 @@ def import_model(
     with _transaction():
         latest = db.session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == row.name))
         row.version = (latest or 0) + 1
+        _check_one_conversion(row.sha256, described["engine"]["format"])
         db.session.add(row)
         db.session.flush()
-        engine_store.put(row.sha256, engine, described["engine"], sha256_of(engine))
-        if calibration_record:
+        engine_store.put(row.sha256, conversion, described["engine"], sha256_of(conversion))
+        if calibration_record and not quantize:
             put_calibration(row.id, calibration_record)
         if activate or get_active() is None:
             set_active(row)
     return row
+
+
+def _check_one_conversion(sha256: str, fmt: str) -> None:
+    """A model file has one conversion, which every version of that file serves: refuse to store a
+    file already stored with a conversion of another format."""
+    found = engine_store.get(sha256)
+    if found is not None and found.format != fmt:
+        holders = db.session.scalars(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).all()
+        if holders:
+            raise ModelStoreError(
+                f"this model file is already stored (model {', '.join(map(str, holders))}) and served through a "
+                f"{found.format} conversion; one file has one conversion: import it with that engine, or delete those"
+            )
 
 
 def _engine_options(explain_layer: str | None, calibration_record: dict | None) -> dict:
@@ -514,15 +536,17 @@ def upgrade_files(limits: ImportLimits | None = None) -> list[tuple[ModelVersion
     "no engine file"). A version that fails stops the run, unchanged."""
     changed = []
     for row in list(db.session.scalars(select(ModelVersion).order_by(ModelVersion.id))):
-        record = get_calibration(row.id)
+        record, conversion = get_calibration(row.id), engine_store.get(row.sha256)
         options = _engine_options((row.metrics or {}).get("explain_layer"), record)
+        # An int8 version stays int8: its calibration was fitted on int8 outputs.
+        options["quantize"] = conversion is not None and conversion.format == INT8_FORMAT
         if row.format == STORED_FORMAT and engine_store.covers(row.sha256, tuple(options["feature_layers"])):
             continue
         verify(row)
         if row.format != STORED_FORMAT:
             before = row.format
         else:
-            before = "no engine file" if engine_store.get(row.sha256) is None else "no features of its OOD layers"
+            before = "no engine file" if conversion is None else "no features of its OOD layers"
         described, served, engine = inspect_model_bytes(row.blob, row.filename, limits, options)
         if described["output_width"] != len(row.class_names) or described["input_shape"] != list(row.input_shape):
             raise ModelStoreError(f"model {row.id}: the converted file no longer matches its registry row")

@@ -29,7 +29,7 @@ from inference.batching import MicroBatcher
 from inference.calibration import Calibration
 from inference.explain import NoExplanation, Unexplainable
 from inference.image_statistics import ImageStatistics, image_statistics
-from inference.lite_engine import LiteEngine, LiteExplainer, explainer_of
+from inference.lite_engine import LiteEngine, LiteExplainer, check_calibration_fits, explainer_of
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
 from predictor import (
     DEFAULT_MAX_PIXELS,
@@ -152,9 +152,14 @@ def load_version(
     """Rehydrate a registry row's conversion for the serving engine (LiteRT: no TensorFlow in a
     web worker), load it with its calibration and explainer, warm it up."""
     path, metadata = model_store.served_engine_file(row, directory)
+    record = model_store.get_full_calibration(row.id)
+    try:
+        check_calibration_fits(metadata, record)  # an int8 conversion's scores need their own calibration
+    except ValueError as exc:
+        raise ModelStoreError(f"model {row.id} cannot be served: {exc}") from exc
     engine = LiteEngine(path.read_bytes(), metadata, num_threads=ENGINE_THREADS)
     spec = spec_of(row)
-    calibration = Calibration.from_record(model_store.get_full_calibration(row.id))
+    calibration = Calibration.from_record(record)
     predictor = Predictor(None, spec, calibration, forward=engine.forward(calibration.feature_layers))
     predictor.warm_up()
     explainer = explainer_of(engine, spec.input_scale)

@@ -206,15 +206,17 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in ("tensorflow"
     assert result.stdout.strip() == "[]"
 
 
-def test_dynamic_range_int8_is_checked_against_the_tolerance_stated(strong):
+def test_dynamic_range_int8_is_checked_by_its_own_logit_bound(strong, monkeypatch):
     model, layers, fp32 = strong
-    with pytest.raises(ValueError, match="needs the tolerance"):
-        lite_engine.convert(model, layers, quantize=True)
-    with pytest.raises(lite_engine.ConversionError, match=r"tolerance 0\.0001"):
-        lite_engine.convert(model, layers, tolerance=1e-4, quantize=True)
-    int8 = lite_engine.convert(model, layers, tolerance=1.0, quantize=True)
+    int8 = lite_engine.convert(model, layers, quantize=True)
     assert int8.metadata["format"] == "litert-int8-dynamic"
     assert len(int8.tflite) < len(fp32.tflite)  # the larger kernels stored as int8
-    assert 1e-4 < max(int8.metadata["probe_max_abs_diff"]) <= 1.0
+    logits_diff, bound = int8.metadata["probe_max_abs_diff"][0], int8.metadata["probe_logit_bound"]
+    assert max(int8.metadata["probe_max_abs_diff"]) > 1e-4  # not fp32's answers: it would pass fp32's check
+    assert logits_diff <= bound and bound >= lite_engine.INT8_LOGIT_TOLERANCE
+    assert 0 <= int8.metadata["probe_top1_agreement"] <= 1
     engine = lite_engine.LiteEngine(int8.tflite, int8.metadata)
     assert engine.explain(scale_pixels(images(2), "unit"), [0, 1]).shape == (2, 3, 3)
+    monkeypatch.setattr(lite_engine, "INT8_LOGIT_TOLERANCE", logits_diff / 1000)  # a bound it cannot meet
+    with pytest.raises(lite_engine.ConversionError, match="int8 conversion differs from Keras"):
+        lite_engine.convert(model, layers, quantize=True)

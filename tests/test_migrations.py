@@ -68,7 +68,9 @@ def database_state() -> dict:
 
 
 def test_a_database_made_before_migrations_is_stamped_and_upgraded(bare_app, seed_model_file, monkeypatch):
-    monkeypatch.setattr(engine_store, "put", lambda *args: None)  # that registry stored no conversions
+    # That registry had no conversions: none to store, none to look up.
+    monkeypatch.setattr(engine_store, "put", lambda *args: None)
+    monkeypatch.setattr(engine_store, "get", lambda *args: None)
     with bare_app.app_context():
         ModelVersion.__table__.create(db.engine)  # what `db.create_all()` made before Alembic
         row = model_store.import_model(seed_model_file, name="legacy")

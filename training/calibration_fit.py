@@ -4,7 +4,9 @@ inference/ood.py for the out-of-distribution score).
 
 `train.py` calls `calibrate_model` at the end of a run with its own splits; `flask calibrate`
 calls `calibrate_folder` for a model imported without a calibration. Both then fit the model's
-drift reference on the same held-out images (`fit_drift_reference`).
+drift reference on the same held-out images (`fit_drift_reference`). Given the serving engine
+(`engine`: an int8 conversion, whose outputs differ from Keras'), all of it is fitted on the
+engine's outputs instead, and the record says so (`fitted_on`, which serving checks).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from inference import calibration, ood
-from predictor import ModelSpec, Predictor
+from predictor import Forward, ModelSpec, Predictor
 
 # Class means and one covariance of a few hundred channels are stable from this many images;
 # more only costs time.
@@ -52,14 +54,16 @@ def calibrate_model(
     layers: tuple[str, ...] | None = None,
     max_fit_images: int = DEFAULT_MAX_FIT_IMAGES,
     source: str = "train.py",
+    engine=None,
 ) -> dict:
     """The calibration record for a Keras model (uint8 images, integer labels in the model's
     class order): temperature, logit normalisation and "not sure" threshold from the held-out
     images; OOD Gaussians from (at most `max_fit_images` of) the training images, standardised
     and thresholded on the held-out ones; ECE, reliability and risk-coverage measured on the
-    test images when given. The held-out images must not have been trained on."""
+    test images when given. The held-out images must not have been trained on. With `engine`
+    (lite_engine.LiteEngine), the engine's outputs are fitted instead of the Keras model's."""
     layers = ood.default_layers(model) if layers is None else tuple(layers)
-    predictor = Predictor(model, spec, feature_layers=layers)
+    predictor = Predictor(model, spec, feature_layers=layers, forward=_engine_forward(engine, layers))
     fit_images, fit_labels = _subsample(fit_images, np.asarray(fit_labels), max_fit_images)
     _, fit_features = model_outputs(predictor, fit_images)
     heldout_logits, heldout_features = model_outputs(predictor, heldout_images)
@@ -75,7 +79,13 @@ def calibrate_model(
         stats = ood.fit_ood(layers, fit_features, fit_labels, heldout_logits, heldout_features, len(spec.class_names))
         record["ood"] = stats.to_record()
     record["source"] = source
+    record["fitted_on"] = engine.metadata["format"] if engine is not None else "keras"
     return record
+
+
+def _engine_forward(engine, layers: tuple[str, ...]) -> Forward | None:
+    """The engine's forward for `layers` (None: the Keras model's)."""
+    return engine.forward(layers) if engine is not None else None
 
 
 @dataclass(frozen=True)
@@ -127,9 +137,10 @@ def calibrate_folder(
     val_fraction: float = 0.1,
     seed: int = 0,
     target_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY,
+    engine=None,
 ) -> dict:
     """Calibrate on an image-folder data set (folder or archive, as `train.py --data` reads, split
-    by `folder_splits`), or on splits already read."""
+    by `folder_splits`), or on splits already read; on `engine`'s outputs when given."""
     splits = data if isinstance(data, FolderSplits) else folder_splits(spec, data, val_fraction, seed)
     return calibrate_model(
         model,
@@ -142,13 +153,15 @@ def calibrate_folder(
         splits.test_labels,
         target_accuracy=target_accuracy,
         source=splits.source,
+        engine=engine,
     )
 
 
-def fit_drift_reference(model, spec: ModelSpec, record: dict, heldout_images: np.ndarray, source: str):
+def fit_drift_reference(model, spec: ModelSpec, record: dict, heldout_images: np.ndarray, source: str, engine=None):
     """The drift reference (monitoring/reference.py) of a model with its calibration `record`,
-    on the held-out images that calibration was fitted on."""
+    on the held-out images that calibration was fitted on (through `engine` when given)."""
     from monitoring.reference import fit_reference
 
-    predictor = Predictor(model, spec, calibration.Calibration.from_record(record))
+    fitted = calibration.Calibration.from_record(record)
+    predictor = Predictor(model, spec, fitted, forward=_engine_forward(engine, fitted.feature_layers))
     return fit_reference(predictor, heldout_images, source)
