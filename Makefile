@@ -45,9 +45,10 @@ drift-reference: install
 		$(FLASK) drift fit-reference 1 --data $(or $(DATA),../shared/data/cifar10-jpeg.tar.gz) --val-fraction 0.1 --seed 0 \
 			--out models/default/drift_reference.safetensors
 
-## bench: serving benchmark against the production server; prints a table, writes benchmarks/results/serve.json (CALIBRATION=record.json: the cost of calibration for a model without one in metrics.json)
+## bench: serving benchmark against the production server (benchmarks/results/serve.json; CALIBRATION=record.json: the cost of calibration for a model without one in metrics.json), then the lean worker against the TensorFlow one, same run (benchmarks/results/lean_worker.json)
 bench: install
 	$(PY) benchmarks/serve.py --model $(DEFAULT_MODEL) $(if $(CALIBRATION),--calibration $(CALIBRATION))
+	$(PY) benchmarks/lean_worker.py --model $(DEFAULT_MODEL)
 
 ## bench-suite: time `make test-fast` and `make test` (wall and CPU seconds, with the CPU model and load); BASELINE=REV times that commit too, back to back; writes benchmarks/results/suite_time.json
 bench-suite: install
