@@ -81,7 +81,9 @@ def test_upgrade_fills_class_names_from_the_model_and_refuses_unknown_ones(bare_
     # Schema 0002's format column is 10 characters (0007 widens it for "safetensors"): the row is
     # labelled as the registry of that time labelled its files; its model is never loaded here.
     monkeypatch.setattr(model_store, "STORED_FORMAT", "npz")
-    monkeypatch.setattr(engine_store, "put", lambda *args: None)  # nor did it store conversions
+    # Nor had it conversions: none to store, none to look up.
+    monkeypatch.setattr(engine_store, "put", lambda *args: None)
+    monkeypatch.setattr(engine_store, "get", lambda *args: None)
     with bare_app.app_context():
         upgrade(revision="0002")  # the schema before predictions stored their classes
         model_id = model_store.import_model(seed_model_file, name="old").id
