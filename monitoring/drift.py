@@ -23,8 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
+
+
+def _stats():
+    """scipy.stats, imported at the first test run: a web worker that has not closed a window or
+    checked a canary yet does not hold its memory (the lean worker's PSS budget)."""
+    from scipy import stats
+
+    return stats
+
 
 ALPHA = 0.01
 ACCURACY_SIGMAS = 3.0
@@ -151,16 +158,18 @@ def class_shift(window: np.ndarray, reference: np.ndarray, num_classes: int) -> 
     neither side predicts left out): (statistic, p-value, Jensen-Shannon distance, base 2)."""
     counts = np.stack([np.bincount(reference, minlength=num_classes), np.bincount(window, minlength=num_classes)])
     counts = counts[:, counts.sum(axis=0) > 0]
+    from scipy.spatial.distance import jensenshannon  # at the first test run, as _stats()
+
     distance = float(jensenshannon(counts[0] / counts[0].sum(), counts[1] / counts[1].sum(), base=2))
     if counts.shape[1] < 2:
         return 0.0, 1.0, distance
-    result = stats.chi2_contingency(counts, correction=False)
+    result = _stats().chi2_contingency(counts, correction=False)
     return float(result.statistic), float(result.pvalue), distance
 
 
 def ks(window: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov test: (statistic, p-value)."""
-    result = stats.ks_2samp(window, reference)
+    result = _stats().ks_2samp(window, reference)
     return float(result.statistic), float(result.pvalue)
 
 
@@ -169,7 +178,7 @@ def rate_test(successes: int, trials: int, reference_rate: float, alternative: s
     if trials == 0:
         return 1.0
     rate = min(max(reference_rate, 1e-6), 1 - 1e-6)  # a rate of exactly 0 or 1 makes any other count impossible
-    return float(stats.binomtest(successes, trials, rate, alternative=alternative).pvalue)
+    return float(_stats().binomtest(successes, trials, rate, alternative=alternative).pvalue)
 
 
 def rbf_kernel(points: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
