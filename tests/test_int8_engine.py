@@ -136,8 +136,6 @@ def test_an_int8_import_does_not_store_the_calibration_fitted_on_the_keras_model
     with app.app_context():
         row = model_store.import_model(seed_model_file, name="q", metrics={"calibration": record}, engine="int8")
         assert model_store.get_calibration(row.id) is None and "calibration" not in row.metrics
-        fp32 = model_store.import_model(seed_model_file, name="f", metrics={"calibration": record})
-        assert model_store.get_calibration(fp32.id) is not None  # an fp32 import keeps it
 
 
 def test_upgrade_files_converts_an_int8_version_again_as_int8(app, runner, other_model_file):
