@@ -129,12 +129,27 @@ def test_a_file_stored_with_one_conversion_is_not_imported_with_another(app, run
         assert engine_store.get(model_store.get_model(1).sha256).format == "litert-fp32"
 
 
-def test_an_int8_import_does_not_store_the_calibration_fitted_on_the_keras_model(app, seed_model_file):
+def _retrained_copy(model_file, folder):
+    """Another file of the same network, layer names included (a calibration's OOD layers name
+    them): one weight nudged, as a retraining would change it. Not the same file: a file already
+    stored with an fp32 conversion is refused as int8."""
+    import keras
+
+    model = keras.models.load_model(model_file, compile=False)
+    kernel = model.layers[0].kernel
+    kernel.assign(kernel.numpy() + 1e-3)
+    path = folder / "retrained.h5"
+    model.save(path)
+    return path
+
+
+def test_an_int8_import_does_not_store_the_calibration_fitted_on_the_keras_model(app, seed_model_file, tmp_path):
     from helpers import FORCED, force_calibration
 
     record = force_calibration(app, **FORCED["unsure"])  # fitted on the Keras model, as train.py's
+    retrained = _retrained_copy(seed_model_file, tmp_path)
     with app.app_context():
-        row = model_store.import_model(seed_model_file, name="q", metrics={"calibration": record}, engine="int8")
+        row = model_store.import_model(retrained, name="q", metrics={"calibration": record}, engine="int8")
         assert model_store.get_calibration(row.id) is None and "calibration" not in row.metrics
 
 
