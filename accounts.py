@@ -11,6 +11,7 @@ to show each person only their own predictions, and operators all of them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -30,8 +31,55 @@ MIN_PASSWORD_LENGTH = 8
 # werkzeug's scrypt default, spelled out: OWASP's N=2^17 costs 0.9 s a login on this app's server
 # (benchmarks/password_hash.py). Hashes made with another method are redone at the next log-in.
 PASSWORD_METHOD = "scrypt:32768:8:1"
-# Checked when the name is unknown, so a failed login takes as long whether or not the name exists.
-_DUMMY_HASH = generate_password_hash("not a password of anyone", method=PASSWORD_METHOD)
+
+
+@dataclass
+class _Hashing:
+    """The method new password hashes are made with, for the whole process (set_password_method)."""
+
+    method: str = PASSWORD_METHOD
+
+
+_hashing = _Hashing()
+
+
+def _scrypt_work(method: str) -> int:
+    """N * r * p of an scrypt method (werkzeug's defaults fill what it leaves out); 0 for another
+    algorithm, which counts as weaker than any scrypt."""
+    name, *numbers = method.split(":")
+    if name != "scrypt":
+        return 0
+    n, r, p = [int(number) for number in numbers] + [32768, 8, 1][len(numbers) :]
+    return n * r * p
+
+
+def set_password_method(method: str, allow_weaker: bool = False) -> None:
+    """Make new password hashes with `method` (a werkzeug.security method, e.g. scrypt:65536:8:1).
+    One cheaper than PASSWORD_METHOD is refused unless `allow_weaker`: only the test suite asks for
+    that (TESTING), where every account made or log-in would otherwise cost 0.2 s of CPU."""
+    try:
+        too_weak = _scrypt_work(method) < _scrypt_work(PASSWORD_METHOD)
+        _dummy_hash(method)  # werkzeug refuses a method it does not know
+    except ValueError as error:
+        raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is not a werkzeug.security method: {error}") from None
+    if too_weak and not allow_weaker:
+        raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is cheaper to guess than {PASSWORD_METHOD}")
+    _hashing.method = method
+
+
+def password_method() -> str:
+    """The method new password hashes are made with."""
+    return _hashing.method
+
+
+@functools.cache
+def _dummy_hash(method: str) -> str:
+    """Checked when the name is unknown, so a failed login takes as long whether or not the name exists."""
+    return generate_password_hash("not a password of anyone", method=method)
+
+
+def _hash(password: str) -> str:
+    return generate_password_hash(password, method=_hashing.method)
 
 
 class AccountError(AppError):
@@ -131,7 +179,7 @@ def create_user(name: str, password: str, role: str = "member") -> User:
     _validate(name, password, role)
     if find_user(name) is not None:
         raise AccountError(f"a user named {name!r} exists already")
-    password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    password_hash = _hash(password)
     user = User(name=name, password_hash=password_hash, role=role, created_at=datetime.now(UTC))
     db.session.add(user)
     db.session.commit()
@@ -162,7 +210,7 @@ def set_password(name: str, password: str) -> User:
     """A new password; the account's sessions end."""
     _validate(name, password, None)
     user = _existing(name)
-    user.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    user.password_hash = _hash(password)
     user.failed_logins, user.locked_until = 0, None
     user.end_sessions()
     db.session.commit()
@@ -216,7 +264,7 @@ def authenticate(name: str, password: str, lockout: Lockout | None = None) -> Us
     lockout = lockout or Lockout()
     user = find_user(name)
     if user is None:
-        check_password_hash(_DUMMY_HASH, password)
+        check_password_hash(_dummy_hash(_hashing.method), password)
         return None
     now = datetime.now(UTC)
     if user.locked_until is not None and _aware(user.locked_until) > now:
@@ -229,8 +277,8 @@ def authenticate(name: str, password: str, lockout: Lockout | None = None) -> Us
     if not user.is_active:
         return None
     user.failed_logins, user.locked_until = 0, None
-    if not user.password_hash.startswith(PASSWORD_METHOD + "$"):
-        user.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
+    if not user.password_hash.startswith(_hashing.method + "$"):
+        user.password_hash = _hash(password)
     db.session.commit()
     return user
 

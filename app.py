@@ -15,7 +15,7 @@ from PIL import Image
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import database
-from accounts import Lockout
+from accounts import PASSWORD_METHOD, Lockout
 from cli import register_commands
 from inference import heatmap
 from model_sandbox import ImportLimits
@@ -84,6 +84,8 @@ DEFAULTS = {
     "EXPLAIN_COST": 6,
     "MAX_EXPLAINED_IMAGES": 4,  # per API request with explain=1
     "LOGIN_RATE_LIMIT": "5 per minute",
+    # How passwords are hashed (werkzeug.security); a cheaper method than this is refused outside TESTING.
+    "PASSWORD_HASH_METHOD": PASSWORD_METHOD,
 }
 
 CONTENT_SECURITY_POLICY = (

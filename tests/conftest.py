@@ -22,7 +22,7 @@ from sqlalchemy import MetaData, inspect, text
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import POSTGRES_URL, build_seed_like_model, serve_registry
+from helpers import POSTGRES_URL, build_seed_like_model, create_postgres_database, serve_registry
 
 import model_store
 from app import create_app
@@ -38,7 +38,14 @@ BASE_CONFIG = {
     # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
     # covers that path, the others validate in-process under the same caps.
     "MODEL_IMPORT_SANDBOX": False,
+    # werkzeug's scrypt at 1/32 of the default work: every account made and log-in would cost 0.2 s
+    # of CPU (some 200 in the suite). tests/test_sessions.py checks the default and its floor.
+    "PASSWORD_HASH_METHOD": "scrypt:1024:8:1",
 }
+
+
+def pytest_configure(config) -> None:
+    create_postgres_database()
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -16,8 +16,41 @@ import model_store
 from registry.model_spec import CIFAR10_CLASSES
 
 CIFAR10 = list(CIFAR10_CLASSES)
+
+
+def _database_of_this_worker(url: str | None) -> str | None:
+    """The tests empty and refill their PostgreSQL database, so each pytest-xdist worker (make
+    test runs two) has its own on the same server: imgcls_test_gw0, imgcls_test_gw1, ...
+    (tests/conftest.py creates it). One process alone uses the database named."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    from sqlalchemy.engine import make_url
+
+    named = make_url(url)
+    return named.set(database=f"{named.database}_{worker}").render_as_string(hide_password=False)
+
+
 # CI runs the suite a second time against PostgreSQL with this set (see .ci/run).
-POSTGRES_URL = os.environ.get("TEST_DATABASE_URL")
+POSTGRES_URL = _database_of_this_worker(os.environ.get("TEST_DATABASE_URL"))
+
+
+def create_postgres_database() -> None:
+    """Create this worker's database (POSTGRES_URL) on the server when it does not exist yet."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not POSTGRES_URL:
+        return
+    name = make_url(POSTGRES_URL).database
+    server = create_engine(make_url(POSTGRES_URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as connection:
+            exists = text("SELECT 1 FROM pg_database WHERE datname = :name")
+            if connection.execute(exists, {"name": name}).first() is None:
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        server.dispose()
 
 
 def build_seed_like_model(num_classes: int = 10, random_seed: int = 0):

@@ -184,14 +184,28 @@ def test_repeated_failed_logins_lock_the_account_for_a_while(app, runner):
 def test_older_password_hashes_still_verify_and_are_redone_at_login(app, runner):
     make_user(runner, "max")
     with app.app_context():
-        assert accounts.find_user("max").password_hash.startswith(accounts.PASSWORD_METHOD + "$")
+        assert accounts.find_user("max").password_hash.startswith(accounts.password_method() + "$")
         old = generate_password_hash("correct horse", method="pbkdf2:sha256:1000")
         accounts.find_user("max").password_hash = old
         db.session.commit()
     assert login(app.test_client(), "max").status_code == 302
     with app.app_context():
-        assert accounts.find_user("max").password_hash.startswith(accounts.PASSWORD_METHOD + "$")
+        assert accounts.find_user("max").password_hash.startswith(accounts.password_method() + "$")
         assert accounts.authenticate("max", "correct horse")
+
+
+def test_passwords_are_hashed_with_the_configured_method_and_never_a_cheaper_one_outside_tests(
+    make_app, make_served_app
+):
+    strong = make_served_app(PASSWORD_HASH_METHOD="scrypt:65536:8:1")
+    make_user(strong.test_cli_runner(), "max")
+    with strong.app_context():
+        assert accounts.find_user("max").password_hash.startswith("scrypt:65536:8:1$")
+    for cheaper in ("scrypt:1024:8:1", "pbkdf2:sha256:600000", "md5"):
+        with pytest.raises(RuntimeError, match="PASSWORD_HASH_METHOD"):
+            make_app("other", TESTING=False, PASSWORD_HASH_METHOD=cheaper)
+    with pytest.raises(RuntimeError, match=r"not a werkzeug\.security method"):
+        make_app("other", PASSWORD_HASH_METHOD="rot13")
 
 
 # Item 9: API keys authenticate the API and /metrics only.

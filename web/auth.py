@@ -242,9 +242,14 @@ def logout():
 
 
 def init_app(app: Flask) -> None:
-    """The refusal to serve an exposed anonymous app, and the viewer in every template."""
+    """The refusal to serve an exposed anonymous app, the password hashing method, and the viewer
+    in every template."""
     problem = exposure_problem(app.config, os.environ.get(BIND_ENV, ""))
     if problem:
         raise RuntimeError(problem)
+    try:
+        accounts.set_password_method(app.config["PASSWORD_HASH_METHOD"], allow_weaker=app.testing)
+    except ValueError as error:
+        raise RuntimeError(str(error)) from None
     app.after_request(_anonymous_owner_cookie)
     app.context_processor(lambda: {"viewer": current_viewer(), "is_operator": is_operator()})
