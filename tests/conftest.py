@@ -11,11 +11,13 @@ again on PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flask import Flask
 from sqlalchemy import MetaData, inspect, text
@@ -61,6 +63,37 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.db)
         elif not (independent.args and isinstance(independent.args[0], str) and independent.args[0].strip()):
             raise pytest.UsageError(f"{item.nodeid}: backend_independent needs the reason the database cannot matter")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def converter_output_reused() -> Iterator[None]:
+    """The TensorFlow converter's LiteRT file of a network already converted in this test session
+    is reused: the suite imports the same few test models some 150 times, at 0.4 s of CPU each.
+    A changed weight or layer is converted anew; every import
+    still checks its conversion against Keras on the probe batch (lite_engine.convert), and the
+    tests of that check replace `_tflite_bytes` themselves."""
+    from inference import lite_engine
+
+    convert_for_real = lite_engine._tflite_bytes
+    converted: dict[tuple[str, bool], bytes] = {}
+
+    def reused(served, quantize: bool = False) -> bytes:
+        # Its config names layers by a per-process counter (functional_7), so the network is known by
+        # its layers' kinds, weights and outputs on a probe batch instead.
+        network = hashlib.sha256(" ".join(type(layer).__name__ for layer in served.layers).encode())
+        probe = lite_engine.default_probe(tuple(served.inputs[0].shape[1:]), size=2)
+        outputs = served([probe] if isinstance(served.input, list) else probe, training=False)
+        for array in [*served.get_weights(), *map(np.asarray, outputs)]:
+            network.update(f"{array.dtype}{array.shape}".encode())
+            network.update(array.tobytes())
+        key = (network.hexdigest(), quantize)
+        if key not in converted:
+            converted[key] = convert_for_real(served, quantize)
+        return converted[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lite_engine, "_tflite_bytes", reused)
+        yield
 
 
 @pytest.fixture(scope="session")
