@@ -81,6 +81,7 @@ def test_each_recorded_prediction_keeps_its_drift_floats(monitored):
         assert len(sample.embedding) == len(reference.pca.components) > 0
 
 
+@pytest.mark.slow
 def test_a_window_closes_every_500_predictions_and_flags_darker_photos(monitored):
     client = monitored.test_client()
     send(client, uniform_images(4, 499))

@@ -15,6 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -128,6 +130,7 @@ FLASK_PACKAGES = (
 )
 
 
+@pytest.mark.slow
 def test_training_imports_no_web_framework_in_a_fresh_interpreter():
     """`train.py` and the training package, calibration_fit.py included, load neither Flask nor the database layer."""
     training = sorted(name for name in own_modules() if name.startswith("training."))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import BASE_CONFIG
 from helpers import make_user
 
@@ -58,6 +59,7 @@ print(json.dumps(answers))
 """
 
 
+@pytest.mark.slow
 def test_a_worker_answers_pages_api_card_history_and_maps_without_tensorflow(app, runner, other_model_file):
     make_user(runner, "op", role="operator")
     with app.app_context():

@@ -158,6 +158,7 @@ def criteria(champion):
     return Criteria(conflict_limit=round(1.5 * conflict_rate(champion, good), 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["swapped", "cat20"])
 def test_a_bad_challenger_is_rolled_back_within_300_challenger_requests_in_95_percent_of_seeds(champion, criteria, bad):
     challenger = swapped(champion, "cat", "dog") if bad == "swapped" else answering(champion, "cat", 0.2)
@@ -168,6 +169,7 @@ def test_a_bad_challenger_is_rolled_back_within_300_challenger_requests_in_95_pe
         assert all("confident conflicts" in failed for run in caught for failed in run.failed_checks[-3:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("good", ["identical", "retrained"])
 def test_a_good_challenger_is_falsely_rolled_back_in_at_most_5_percent_of_seeds(champion, criteria, good):
     challenger = champion if good == "identical" else retrained(champion, 0.9, 5, CLASSES)
