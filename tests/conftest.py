@@ -181,23 +181,26 @@ class SeededTemplate:
             _drop_everything(engine)
             model_store.init_db()
             db.session.remove()
+        # DELETE, not TRUNCATE: on tables of a few rows it is several times faster (no new files,
+        # no exclusive locks), children before parents.
         with engine.begin() as connection:
-            listed = ", ".join(connection.dialect.identifier_preparer.quote(table.name) for table in self.tables)
-            connection.execute(text(f"TRUNCATE {listed} RESTART IDENTITY CASCADE"))
+            for table in reversed(self.tables):
+                connection.execute(table.delete())
             for table in self.tables:
                 if self.rows[table.name]:
                     connection.execute(table.insert(), [dict(row) for row in self.rows[table.name]])
-                    self._continue_ids_after_rows(connection, table)
+                self._continue_ids_after_rows(connection, table)
 
     @staticmethod
     def _continue_ids_after_rows(connection, table) -> None:
-        """Rows put back with their ids leave the id sequence at 1: set it past them (a column
-        without a sequence has none to set: setval of NULL does nothing)."""
+        """Rows put back with their ids leave the id sequence where the test left it: the next id
+        follows the template's rows (1 in an empty table); a column without a sequence has none to
+        set: setval of NULL does nothing."""
         for column in table.primary_key.columns:
             if column.type.python_type is int:
-                largest = f'SELECT max("{column.name}") FROM "{table.name}"'
+                following = f'SELECT coalesce(max("{column.name}"), 0) + 1 FROM "{table.name}"'
                 connection.execute(
-                    text(f"SELECT setval(pg_get_serial_sequence(:table, :column), ({largest}))"),
+                    text(f"SELECT setval(pg_get_serial_sequence(:table, :column), ({following}), false)"),
                     {"table": f'"{table.name}"', "column": column.name},
                 )
 
@@ -239,7 +242,7 @@ def _build_app(instance: Path, database_uri: str, **overrides) -> Flask:
 
 def _close(app: Flask) -> None:
     """Let the app's off-path rollout worker finish what the test queued (its connection would
-    hold a lock the next test's TRUNCATE waits on), then close its pooled connections now, not
+    hold a lock the next test's emptying of the tables waits on), then close its pooled connections now, not
     when the collector finds them."""
     rollout = app.extensions.get("rollout")
     if rollout is not None:
