@@ -52,6 +52,9 @@ def export_revision(revision: str, into: Path) -> Path:
     subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(ROOT), str(into)], check=True)
     subprocess.run(["git", "-C", str(into), "checkout", "--quiet", "--detach", commit], check=True)
     (into / ".venv").symlink_to((ROOT / ".venv").resolve())
+    # The clone's files are newer than the shared environment's stamp: without this its `make`
+    # would build the environment again over the link.
+    (into / ".venv" / ".installed").touch()
     return into
 
 
