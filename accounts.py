@@ -43,28 +43,32 @@ class _Hashing:
 _hashing = _Hashing()
 
 
-def _scrypt_work(method: str) -> int:
-    """N * r * p of an scrypt method (werkzeug's defaults fill what it leaves out); 0 for another
-    algorithm, which counts as weaker than any scrypt."""
+def _weaker_than_default(method: str) -> bool:
+    """Whether an scrypt method costs an attacker less than PASSWORD_METHOD: a smaller N (time and
+    memory per guess) or r (memory); p buys no memory. Any other algorithm counts as weaker."""
     name, *numbers = method.split(":")
     if name != "scrypt":
-        return 0
-    n, r, p = [int(number) for number in numbers] + [32768, 8, 1][len(numbers) :]
-    return n * r * p
+        return True
+    n, r, _p = [int(number) for number in numbers]
+    default_n, default_r, _ = [int(number) for number in PASSWORD_METHOD.split(":")[1:]]
+    return n < default_n or r < default_r
 
 
 def set_password_method(method: str, allow_weaker: bool = False) -> None:
     """Make new password hashes with `method` (a werkzeug.security method, e.g. scrypt:65536:8:1).
     One cheaper than PASSWORD_METHOD is refused unless `allow_weaker`: only the test suite asks for
-    that (TESTING), where every account made or log-in would otherwise cost 0.2 s of CPU."""
+    that (TESTING), where every account made or log-in would otherwise cost 0.2 s of CPU. The
+    method holds for the whole process (one app per worker process)."""
     try:
-        too_weak = _scrypt_work(method) < _scrypt_work(PASSWORD_METHOD)
-        _dummy_hash(method)  # werkzeug refuses a method it does not know
+        # As werkzeug spells it in the hashes it makes ("scrypt" -> "scrypt:32768:8:1"), so a
+        # stored hash is recognised as current at log-in.
+        spelled = _dummy_hash(str(method)).split("$", 1)[0]
+        too_weak = _weaker_than_default(spelled)
     except ValueError as error:
         raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is not a werkzeug.security method: {error}") from None
     if too_weak and not allow_weaker:
         raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is cheaper to guess than {PASSWORD_METHOD}")
-    _hashing.method = method
+    _hashing.method = spelled
 
 
 def password_method() -> str:

@@ -40,8 +40,8 @@ BASE_CONFIG = {
     # A sandboxed import starts TensorFlow in a child process (seconds); tests/test_sandbox.py
     # covers that path, the others validate in-process under the same caps.
     "MODEL_IMPORT_SANDBOX": False,
-    # werkzeug's scrypt at 1/32 of the default work: every account made and log-in would cost 0.2 s
-    # of CPU (some 200 in the suite). tests/test_sessions.py checks the default and its floor.
+    # werkzeug's scrypt at 1/32 of the default work: every account made and log-in would cost 0.15 s
+    # of CPU (some 150 per pass). tests/test_sessions.py checks the configured method and its floor.
     "PASSWORD_HASH_METHOD": "scrypt:1024:8:1",
 }
 
@@ -70,8 +70,8 @@ def converter_output_reused() -> Iterator[None]:
     """The TensorFlow converter's LiteRT file of a network already converted in this test session
     is reused: the suite imports the same few test models some 150 times, at 0.4 s of CPU each.
     A changed weight or layer is converted anew; every import
-    still checks its conversion against Keras on the probe batch (lite_engine.convert), and the
-    tests of that check replace `_tflite_bytes` themselves."""
+    still checks its conversion against Keras on the probe batch (lite_engine.convert); the tests
+    of that check convert a network with changed weights, which is converted anew."""
     from inference import lite_engine
 
     convert_for_real = lite_engine._tflite_bytes
@@ -79,8 +79,9 @@ def converter_output_reused() -> Iterator[None]:
 
     def reused(served, quantize: bool = False) -> bytes:
         # Its config names layers by a per-process counter (functional_7), so the network is known by
-        # its layers' kinds, weights and outputs on a probe batch instead.
-        network = hashlib.sha256(" ".join(type(layer).__name__ for layer in served.layers).encode())
+        # its layers' configs without their names, its weights and its outputs on a probe batch.
+        layers = [{**layer.get_config(), "name": None} for layer in served.layers]
+        network = hashlib.sha256(repr(layers).encode())
         probe = lite_engine.default_probe(tuple(served.inputs[0].shape[1:]), size=2)
         outputs = served([probe] if isinstance(served.input, list) else probe, training=False)
         for array in [*served.get_weights(), *map(np.asarray, outputs)]:

@@ -43,7 +43,8 @@ def create_postgres_database() -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER") or not POSTGRES_URL:
         return
     name = make_url(POSTGRES_URL).database
-    server = create_engine(make_url(POSTGRES_URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    # Created from the database named in TEST_DATABASE_URL, which exists (the role needs CREATEDB).
+    server = create_engine(os.environ["TEST_DATABASE_URL"], isolation_level="AUTOCOMMIT")
     try:
         with server.connect() as connection:
             exists = text("SELECT 1 FROM pg_database WHERE datname = :name")

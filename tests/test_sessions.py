@@ -201,11 +201,23 @@ def test_passwords_are_hashed_with_the_configured_method_and_never_a_cheaper_one
     make_user(strong.test_cli_runner(), "max")
     with strong.app_context():
         assert accounts.find_user("max").password_hash.startswith("scrypt:65536:8:1$")
-    for cheaper in ("scrypt:1024:8:1", "pbkdf2:sha256:600000", "md5"):
-        with pytest.raises(RuntimeError, match="PASSWORD_HASH_METHOD"):
+    for cheaper in ("scrypt:1024:8:1", "scrypt:32768:1:8", "pbkdf2:sha256:600000"):
+        with pytest.raises(RuntimeError, match="is cheaper to guess than"):
             make_app("other", TESTING=False, PASSWORD_HASH_METHOD=cheaper)
-    with pytest.raises(RuntimeError, match=r"not a werkzeug\.security method"):
-        make_app("other", PASSWORD_HASH_METHOD="rot13")
+    for unknown in ("rot13", "scrypt:abc"):
+        with pytest.raises(RuntimeError, match=r"not a werkzeug\.security method"):
+            make_app("other", PASSWORD_HASH_METHOD=unknown)
+
+
+def test_a_method_spelled_short_is_recognised_in_stored_hashes(make_served_app):
+    app = make_served_app(PASSWORD_HASH_METHOD="scrypt")  # werkzeug writes scrypt:32768:8:1
+    make_user(app.test_cli_runner(), "max")
+    with app.app_context():
+        stored = accounts.find_user("max").password_hash
+    assert stored.startswith("scrypt:32768:8:1$")
+    assert login(app.test_client(), "max").status_code == 302
+    with app.app_context():
+        assert accounts.find_user("max").password_hash == stored  # current: not hashed again
 
 
 # Item 9: API keys authenticate the API and /metrics only.
