@@ -31,6 +31,7 @@ from inference.explain import NoExplanation, Unexplainable
 from inference.image_statistics import ImageStatistics, image_statistics
 from inference.lite_engine import LiteEngine, LiteExplainer, check_calibration_fits, explainer_of
 from model_store import ModelCalibration, ModelStoreError, ModelVersion
+from monitoring import metrics
 from predictor import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -44,7 +45,6 @@ from predictor import (
     thumbnail_jpeg,
     to_predictions,
 )
-from web import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ class LoadedModel:
         if self.batcher is not None:
             scores = self.batcher(images)
         else:
-            prometheus.BATCH_SIZE.observe(len(images))
+            metrics.BATCH_SIZE.observe(len(images))
             scores = self.predictor.score_arrays(images)
-        prometheus.IMAGES.inc(len(images))
+        metrics.IMAGES.inc(len(images))
         return to_predictions(self.class_names, scores, self.calibration)
 
     def score(self, decoded: Sequence[DecodedUpload]) -> list[Prediction]:
@@ -166,7 +166,7 @@ def load_version(
     batcher = None
     if batching.enabled:
         batcher = MicroBatcher(
-            predictor.score_arrays, batching.max_batch, batching.max_wait_ms, prometheus.BATCH_SIZE.observe
+            predictor.score_arrays, batching.max_batch, batching.max_wait_ms, metrics.BATCH_SIZE.observe
         )
     penultimate = Predictor(None, spec, feature_layers=("penultimate",), forward=engine.penultimate_forward())
     return LoadedModel(
@@ -296,7 +296,7 @@ class ModelSlots:
         self._models = models
         if previous is not None:
             previous.close()  # requests still holding it finish on it; new ones take the new one
-        prometheus.model_switched(name, previous, loaded)
+        metrics.model_switched(name, previous, loaded)
 
 
 class RegistryPoller:

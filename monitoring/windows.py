@@ -22,11 +22,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from database import db
 from model_store import ModelVersion
-from monitoring import drift
+from monitoring import drift, metrics
 from monitoring.drift import IMAGE_STATISTICS
 from monitoring.reference import Reference
 from monitoring.store import DriftSample, DriftWindow, add_samples, references
-from web import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _store(model_id: int, kind: str, key: str, start, end, samples: Sequence[Dri
         db.session.rollback()
         return
     if kind == "count":
-        prometheus.drift_window(model, window.estimated_accuracy, window.unknown_rate, window.min_p_value)
+        metrics.drift_window(model, window.estimated_accuracy, window.unknown_rate, window.min_p_value)
 
 
 def close_count_windows(model_id: int, size: int = WINDOW_SIZE) -> int:

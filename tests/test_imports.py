@@ -87,6 +87,25 @@ def test_the_app_modules_import_without_cycles_counting_function_level_imports()
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def web_importers(graph: dict[str, set[str]]) -> set[str]:
+    """The own modules outside the web layer that import from it."""
+    return {
+        module
+        for module, needed in graph.items()
+        if module.partition(".")[0] != "web" and any(name.partition(".")[0] == "web" for name in needed)
+    }
+
+
+def test_only_the_edges_import_the_web_layer():
+    """The web layer sits on the domain (serving, registry, monitoring, ...), never under it: only
+    the app factory, the CLI commands and the deployment scripts import from web/."""
+    edges = {
+        module for module in web_importers(import_graph()) if module == "app" or module.startswith(("cli", "deploy."))
+    }
+    assert web_importers(import_graph()) == edges
+    assert "serving" in web_importers({"serving": {"web.prometheus"}, "web.ops": {"serving"}})
+
+
 def test_find_cycle_reports_a_cycle_through_a_function_level_import(tmp_path):
     (tmp_path / "a.py").write_text("import b\n")
     (tmp_path / "b.py").write_text("def later():\n    from a import thing\n")

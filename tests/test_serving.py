@@ -19,9 +19,9 @@ from sqlalchemy import inspect
 import model_store
 import serving
 from inference.image_statistics import image_statistics
+from monitoring import metrics
 from predictor import decode_image
 from serving import CHAMPION, DecodeBudget, ModelSlots, Upload, decode_uploads
-from web import prometheus
 from web.extensions import model_serving
 
 
@@ -129,7 +129,7 @@ def test_named_slots_load_once_and_a_slot_the_registry_drops_is_emptied(app, oth
     assert slots.slot(CHAMPION).name == "seed" and slots.slot("challenger").name == "challenger"
     assert set(slots.loaded()) == {CHAMPION, "challenger"} and slots.error("challenger") is None
     challenger_id = str(slots.slot("challenger").id)
-    gauge = prometheus.MODEL_LOADED.labels("challenger", challenger_id, "challenger", "1")
+    gauge = metrics.MODEL_LOADED.labels("challenger", challenger_id, "challenger", "1")
     assert gauge._value.get() == 1
 
     loads = []

@@ -1,2 +1,3 @@
 """The web layer: page and API blueprints, the request helpers they share, the error edge and the
-Prometheus metrics (prometheus.py, which serving.py also counts model calls in)."""
+request metrics (prometheus.py; what is served is counted in monitoring/metrics.py).
+"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from web import prometheus
+from monitoring.metrics import exposition
 from web.auth import may_read_metrics
 from web.errors import STATUS_BY_CODE, WebError, json_error
 from web.extensions import model_serving
@@ -24,5 +24,5 @@ def healthz():
 def metrics():
     if not may_read_metrics():
         raise WebError("Metrics are for operators: send 'Authorization: Bearer METRICS_TOKEN'.", "unauthorized")
-    body, content_type = prometheus.exposition()
+    body, content_type = exposition()
     return Response(body, content_type=content_type)
