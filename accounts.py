@@ -11,7 +11,6 @@ to show each person only their own predictions, and operators all of them.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -31,16 +30,26 @@ MIN_PASSWORD_LENGTH = 8
 # werkzeug's scrypt default, spelled out: OWASP's N=2^17 costs 0.9 s a login on this app's server
 # (benchmarks/password_hash.py). Hashes made with another method are redone at the next log-in.
 PASSWORD_METHOD = "scrypt:32768:8:1"
+_NO_ONES_PASSWORD = "not a password of anyone"
 
 
 @dataclass
 class _Hashing:
-    """The method new password hashes are made with, for the whole process (set_password_method)."""
+    """How new password hashes are made, for the whole process (set_password_method), and a hash
+    of no one's password in that method, checked when the name is unknown so that a failed login
+    takes as long whether or not the name exists (made at the first need)."""
 
     method: str = PASSWORD_METHOD
+    dummy_hash: str | None = None
+
+    def dummy(self) -> str:
+        if self.dummy_hash is None:
+            self.dummy_hash = generate_password_hash(_NO_ONES_PASSWORD, method=self.method)
+        return self.dummy_hash
 
 
 _hashing = _Hashing()
+_DEFAULT_N, _DEFAULT_R, _ = (int(number) for number in PASSWORD_METHOD.split(":")[1:])
 
 
 def _weaker_than_default(method: str) -> bool:
@@ -49,37 +58,34 @@ def _weaker_than_default(method: str) -> bool:
     name, *numbers = method.split(":")
     if name != "scrypt":
         return True
-    n, r, _p = [int(number) for number in numbers]
-    default_n, default_r, _ = [int(number) for number in PASSWORD_METHOD.split(":")[1:]]
-    return n < default_n or r < default_r
+    n, r, _p = (int(number) for number in numbers)
+    return n < _DEFAULT_N or r < _DEFAULT_R
 
 
 def set_password_method(method: str, allow_weaker: bool = False) -> None:
     """Make new password hashes with `method` (a werkzeug.security method, e.g. scrypt:65536:8:1).
     One cheaper than PASSWORD_METHOD is refused unless `allow_weaker`: only the test suite asks for
-    that (TESTING), where every account made or log-in would otherwise cost 0.2 s of CPU. The
+    that (TESTING), where every account made or log-in would otherwise cost 0.15 s of CPU. The
     method holds for the whole process (one app per worker process)."""
-    try:
-        # As werkzeug spells it in the hashes it makes ("scrypt" -> "scrypt:32768:8:1"), so a
-        # stored hash is recognised as current at log-in.
-        spelled = _dummy_hash(str(method)).split("$", 1)[0]
-        too_weak = _weaker_than_default(spelled)
-    except ValueError as error:
-        raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is not a werkzeug.security method: {error}") from None
-    if too_weak and not allow_weaker:
+    method = str(method)
+    if method == _hashing.method:
+        spelled, dummy_hash = _hashing.method, _hashing.dummy_hash
+    else:  # hashed once: werkzeug refuses a method it does not know, and says how it spells it
+        try:
+            dummy_hash = generate_password_hash(_NO_ONES_PASSWORD, method=method)
+        except ValueError as error:
+            raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is not a werkzeug.security method: {error}") from None
+        # As werkzeug spells it in its hashes ("scrypt" -> "scrypt:32768:8:1"), so that a stored
+        # hash is recognised as current at log-in.
+        spelled = dummy_hash.split("$", 1)[0]
+    if _weaker_than_default(spelled) and not allow_weaker:
         raise ValueError(f"PASSWORD_HASH_METHOD {method!r} is cheaper to guess than {PASSWORD_METHOD}")
-    _hashing.method = spelled
+    _hashing.method, _hashing.dummy_hash = spelled, dummy_hash
 
 
 def password_method() -> str:
     """The method new password hashes are made with."""
     return _hashing.method
-
-
-@functools.cache
-def _dummy_hash(method: str) -> str:
-    """Checked when the name is unknown, so a failed login takes as long whether or not the name exists."""
-    return generate_password_hash("not a password of anyone", method=method)
 
 
 def _hash(password: str) -> str:
@@ -268,7 +274,7 @@ def authenticate(name: str, password: str, lockout: Lockout | None = None) -> Us
     lockout = lockout or Lockout()
     user = find_user(name)
     if user is None:
-        check_password_hash(_dummy_hash(_hashing.method), password)
+        check_password_hash(_hashing.dummy(), password)
         return None
     now = datetime.now(UTC)
     if user.locked_until is not None and _aware(user.locked_until) > now:

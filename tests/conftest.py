@@ -69,9 +69,9 @@ def pytest_collection_modifyitems(items) -> None:
 def converter_output_reused() -> Iterator[None]:
     """The TensorFlow converter's LiteRT file of a network already converted in this test session
     is reused: the suite imports the same few test models some 150 times, at 0.4 s of CPU each.
-    A changed weight or layer is converted anew; every import
-    still checks its conversion against Keras on the probe batch (lite_engine.convert); the tests
-    of that check convert a network with changed weights, which is converted anew."""
+    A network with a changed layer or weight is converted anew (so are the tampered networks of the
+    tests of the conversion check), and every import still checks its conversion against Keras on
+    the probe batch (lite_engine.convert)."""
     from inference import lite_engine
 
     convert_for_real = lite_engine._tflite_bytes
