@@ -64,10 +64,11 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strong_run(tiny_folder, tmp_path_factory) -> Path:
-    """One short run of the default (strong) recipe, XLA-compiled as the shipped model was, on a
-    narrow network (the recipe, not the width, is what these tests check)."""
+    """One short run of the default (strong) recipe, XLA-compiled and in mixed bfloat16 as the
+    shipped model was, on a narrow network of its own widths."""
     out = tmp_path_factory.mktemp("strong")
-    assert train.main(quick_args(tiny_folder, out, "--random-seed", "3", "--jit-compile", "--widths", "8,16,16")) == 0
+    flags = ["--random-seed", "3", "--jit-compile", "--precision", "mixed_bfloat16", "--widths", "8,16,24"]
+    assert train.main(quick_args(tiny_folder, out, *flags)) == 0
     return out
 
 
@@ -78,7 +79,7 @@ def test_strong_run_writes_model_metrics_and_plots(strong_run):
     assert (written["train_images"], written["val_images"], written["test_images"]) == (27, 9, 12)
     assert written["epochs"] == 1 and written["tta"] == "flip-translate" and written["random_seed"] == 3
     assert written["recipe"]["lookahead"] and written["recipe"]["optimizer"] == "airbench-sgd"
-    assert written["recipe"]["jit_compile"]
+    assert written["recipe"]["jit_compile"] and written["recipe"]["precision"] == "mixed_bfloat16"
     assert len(written["history"]["loss"]) == 1 and len(written["history"]["val_accuracy"]) == 1
     assert 0 <= written["test_accuracy"] <= 1 and len(written["confusion_matrix"]) == 3
     assert set(written["test_accuracy_other_tta"]) == {"none", "flip"}
@@ -91,8 +92,11 @@ def test_strong_run_writes_model_metrics_and_plots(strong_run):
 
 @pytest.mark.slow
 def test_saved_model_is_float32_plain_keras_without_training_code(strong_run):
+    # Trained in mixed precision, the model is rebuilt in float32 before saving: with the same widths.
     model = keras.saving.load_model(strong_run / "model.h5", compile=False, safe_mode=True)
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert [model.get_layer(f"conv{index}b").filters for index in (1, 2, 3)] == [8, 16, 24]
+    assert json.loads((strong_run / "metrics.json").read_text())["arch_options"] == {"widths": [8, 16, 24]}
     saved = (strong_run / "model.h5").read_bytes()
     for training_only in (b"AirbenchSGD", b"Lookahead", b"WarmupLinearDecay", b"training."):
         assert training_only not in saved
@@ -108,17 +112,6 @@ def test_evaluate_held_out_scores_the_runs_own_validation_images(strong_run, tin
     assert "on 9 images" in printed and "accuracy with tta none:" in printed
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["test"]["accuracy"] == pytest.approx(written["final_val_accuracy_tta"])
-
-
-@pytest.mark.slow
-def test_widths_flag_builds_and_saves_the_narrower_network(tiny_folder, tmp_path):
-    # Under mixed precision the model is rebuilt in float32 before saving: with the same widths.
-    args = quick_args(tiny_folder, tmp_path, "--widths", "8,16,24", "--precision", "mixed_bfloat16")
-    assert train.main(args) == 0
-    model = keras.saving.load_model(tmp_path / "model.h5", compile=False, safe_mode=True)
-    widths = [model.get_layer(f"conv{index}b").filters for index in (1, 2, 3)]
-    assert widths == [8, 16, 24]
-    assert json.loads((tmp_path / "metrics.json").read_text())["arch_options"] == {"widths": [8, 16, 24]}
 
 
 @pytest.mark.parametrize(
