@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import struct
@@ -122,19 +123,43 @@ def serve_registry(app) -> None:
     model_serving.refresh(app)
 
 
+def uniform_images(seed: int, n: int, low: int = 0, high: int = 256) -> np.ndarray:
+    """n random 32 x 32 RGB images with pixels in [low, high), the same for each seed."""
+    return np.random.default_rng(seed).integers(low, high, (n, 32, 32, 3), dtype=np.uint8)
+
+
+# (model file, spec, images, reference images) -> (calibration record, drift reference or None)
+_fitted: dict[tuple, tuple] = {}
+
+
+def fitted_calibration(app, row, images: int = 200, reference_images: int = 0) -> tuple[dict, object]:
+    """A calibration of a registry version fitted for real on `images` random images (half to fit,
+    half held out) and, with `reference_images`, its drift reference fitted on that many more.
+    The same model file and images give the same fit, so each is fitted once per test process:
+    most tests that need one store it and look at what the app does with it."""
+    from serving import spec_of
+    from training.calibration_fit import calibrate_model, fit_drift_reference
+
+    key = (row.sha256, spec_of(row), images, reference_images)
+    if key not in _fitted:
+        model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
+        pixels, labels, half = uniform_images(1, images), np.arange(images) % 10, images // 2
+        record = calibrate_model(model, spec_of(row), pixels[:half], labels[:half], pixels[half:], labels[half:])
+        reference = None
+        if reference_images:
+            held_out = uniform_images(2, reference_images)
+            reference = fit_drift_reference(model, spec_of(row), record, held_out, f"test: {reference_images} images")
+        _fitted[key] = (record, reference)
+    record, reference = _fitted[key]
+    return copy.deepcopy(record), reference
+
+
 def force_calibration(app, confidence_threshold: float, ood_threshold: float) -> dict:
     """Calibrate the active model for real on random images, then store the record with the
     given thresholds (see FORCED) and serve it; returns the stored record."""
-    from serving import spec_of
-    from training.calibration_fit import calibrate_model
-
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
-    labels = np.arange(200) % 10
     with app.app_context():
         row = model_store.get_active()
-        model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
-        record = calibrate_model(model, spec_of(row), images[:100], labels[:100], images[100:], labels[100:])
+        record, _ = fitted_calibration(app, row)
         record["confidence_threshold"] = confidence_threshold
         record["ood"]["threshold"] = ood_threshold
         model_store.set_calibration(row.id, record)

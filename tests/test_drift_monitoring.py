@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from helpers import classify, login, make_user, serve_registry
+from helpers import classify, fitted_calibration, login, make_user, serve_registry, uniform_images
 from PIL import Image
 from sqlalchemy import func, select, update
 from test_decisions import _folder
@@ -22,14 +22,8 @@ from inference.image_statistics import image_statistics
 from monitoring import store, windows
 from monitoring.reference import REFERENCE_FILE, Reference
 from monitoring.store import DriftReference, DriftSample, DriftWindow, references
-from serving import spec_of
-from training.calibration_fit import calibrate_model, fit_drift_reference
 
 BATCH = 64
-
-
-def uniform_images(seed: int, n: int, low: int = 0, high: int = 256) -> np.ndarray:
-    return np.random.default_rng(seed).integers(low, high, (n, 32, 32, 3), dtype=np.uint8)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -40,13 +34,10 @@ def png(pixels: np.ndarray) -> bytes:
 
 def calibrate_with_reference(app) -> Reference:
     """Calibrate the active model on random images and fit its drift reference on held-out ones."""
-    images, labels = uniform_images(1, 400), np.arange(400) % 10
     with app.app_context():
         row = model_store.get_active()
-        model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
-        record = calibrate_model(model, spec_of(row), images[:200], labels[:200], images[200:], labels[200:])
+        record, reference = fitted_calibration(app, row, images=400, reference_images=2000)
         model_store.set_calibration(row.id, record)
-        reference = fit_drift_reference(model, spec_of(row), record, uniform_images(2, 2000), "test: 2000 images")
         store.set_reference(row.id, reference)
     serve_registry(app)
     return reference

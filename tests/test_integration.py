@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import numpy as np
 import pytest
-from helpers import classify, random_image_bytes, serve_registry
+from helpers import classify, fitted_calibration, random_image_bytes, serve_registry
 from sqlalchemy import select
-from test_drift_monitoring import uniform_images
 
 import model_store
 import prediction_history
@@ -22,21 +20,16 @@ from labelling.store import LabelItem
 from monitoring import store as drift_store
 from monitoring.store import DriftSample
 from prediction_history import HistoryEntry, ModelOutput
-from serving import spec_of
-from training.calibration_fit import calibrate_model, fit_drift_reference
 
 OPERATOR = Viewer(operator=True, name="op")
 
 
 def calibrate_with_reference(app, model_id: int) -> int:
     """Calibrate a version on random images and store its drift reference; the reference's dimensions."""
-    images, labels = uniform_images(1, 400), np.arange(400) % 10
     with app.app_context():
         row = model_store.get_model(model_id)
-        model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
-        record = calibrate_model(model, spec_of(row), images[:200], labels[:200], images[200:], labels[200:])
+        record, reference = fitted_calibration(app, row, images=400, reference_images=600)
         model_store.set_calibration(row.id, record)
-        reference = fit_drift_reference(model, spec_of(row), record, uniform_images(2, 600), f"test: model {model_id}")
         drift_store.set_reference(row.id, reference)
         return len(reference.pca.components)
 
