@@ -64,19 +64,17 @@ frontdoor-bench: install
 	$(PY) benchmarks/soak.py --model $(DEFAULT_MODEL) --front-door
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, which
-# shares its module fixtures); TEST_WORKERS=0 runs it in this one. docs/testing.md has the timings.
+# shares its module fixtures; files handed out heaviest first, as tests/conftest.py orders them);
+# TEST_WORKERS=0 runs it in this one. docs/testing.md has the timings.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-## test: lint, then the test suite on SQLite, then the tests that use the database (marked db) again on PostgreSQL when TEST_DATABASE_URL is set
+## test: lint, then the test suite in one session: on SQLite, and the tests that use the database (marked db) on PostgreSQL as well when TEST_DATABASE_URL is set
 test: lint
-	env -u TEST_DATABASE_URL $(PYTEST)
-	@if [ -n "$$TEST_DATABASE_URL" ]; then \
-		echo "== the tests that use the database again on PostgreSQL ($$TEST_DATABASE_URL)"; \
-		$(PYTEST) -m db; \
-	else \
-		echo "== PostgreSQL run skipped: TEST_DATABASE_URL is not set (.ci/run starts a server with .ci/start-postgres)"; \
+	@if [ -z "$$TEST_DATABASE_URL" ]; then \
+		echo "== SQLite only: TEST_DATABASE_URL is not set (.ci/run starts a PostgreSQL server with .ci/start-postgres)"; \
 	fi
+	$(PYTEST)
 
 ## test-fast: lint, then the suite on SQLite without the slow tests (training, gunicorn, nginx, browser, TensorFlow children, simulations over many seeds or requests)
 test-fast: lint

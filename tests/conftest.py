@@ -1,12 +1,12 @@
 """Fixtures: the real app on a temporary instance folder and database (SQLite, or PostgreSQL when
 TEST_DATABASE_URL is set), and tiny real Keras models saved as the seed saves its own.
 
-The migrations run and the seed-like model is imported once per test session, into a template;
-each test that asks for `app` starts from a copy of it (SQLite: the file copied; PostgreSQL: the
-tables emptied and the template's rows put back), the same state the migrations and the import
-would give, without paying for them in every test. Every test that builds the app is marked `db`
-unless it is marked `backend_independent(reason)`: `make test` runs the `db` tests, and only those,
-again on PostgreSQL.
+The migrations run and the seed-like model is imported once per test session and backend, into a
+template; each test that asks for `app` starts from a copy of it (SQLite: the file copied;
+PostgreSQL: the tables emptied and the template's rows put back), the same state the migrations
+and the import would give, without paying for them in every test. Every test that builds the app
+is marked `db` unless it is marked `backend_independent(reason)`; when TEST_DATABASE_URL is set,
+each `db` test runs twice in the same session, `[sqlite]` and `[postgresql]`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,8 +47,28 @@ BASE_CONFIG = {
 }
 
 
+BACKENDS = ("sqlite", "postgresql") if POSTGRES_URL else ("sqlite",)
+
+
 def pytest_configure(config) -> None:
     create_postgres_database()
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Each test that builds the app runs on every backend there is (`database_backend`), unless
+    it is `backend_independent` (SQLite) or `postgresql_only`. Without PostgreSQL nothing is
+    parametrized, so test ids stay as written."""
+    if "database_backend" not in metafunc.fixturenames or len(BACKENDS) == 1:
+        return
+    if metafunc.definition.get_closest_marker("postgresql_only"):
+        backends = ["postgresql"]
+    elif metafunc.definition.get_closest_marker("backend_independent"):
+        backends = ["sqlite"]
+    else:
+        backends = list(BACKENDS)
+    if backends != ["sqlite"]:  # the default, without a parameter (test ids as written)
+        # Module scope: a module's tests are grouped by backend, so module_app is built once for each.
+        metafunc.parametrize("database_backend", backends, indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -63,34 +84,60 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.db)
         elif not (independent.args and isinstance(independent.args[0], str) and independent.args[0].strip()):
             raise pytest.UsageError(f"{item.nodeid}: backend_independent needs the reason the database cannot matter")
+    _heaviest_files_first(items)
+
+
+# A slow test (training, a server, a browser, a child process: 2 to 15 s) against an ordinary one (0.1 to 0.3 s).
+SLOW_TEST_WEIGHT = 20
+
+
+def _heaviest_files_first(items) -> None:
+    """pytest-xdist hands whole files to its workers in the order they come (make test passes
+    --no-loadscope-reorder): the heaviest first, so that neither worker is left with a long file
+    at the end while the other waits. A file's weight is its tests, a slow one counting for more."""
+    weight: Counter = Counter()
+    for item in items:
+        weight[item.path] += SLOW_TEST_WEIGHT if item.get_closest_marker("slow") else 1
+    items.sort(key=lambda item: (-weight[item.path], str(item.path)))  # stable: each file's order kept
+
+
+def _shared_folder(tmp_path_factory) -> Path:
+    """A folder all the processes of this test run share: pytest-xdist gives each worker a base
+    folder of its own under the run's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session", autouse=True)
-def converter_output_reused() -> Iterator[None]:
-    """The TensorFlow converter's LiteRT file of a network already converted in this test session
-    is reused: the suite imports the same few test models some 150 times, at 0.4 s of CPU each.
-    A network with a changed layer or weight is converted anew (so are the tampered networks of the
-    tests of the conversion check), and every import still checks its conversion against Keras on
-    the probe batch (lite_engine.convert)."""
+def converter_output_reused(tmp_path_factory) -> Iterator[None]:
+    """The TensorFlow converter's LiteRT file of a network already converted in this test run (by
+    any of its processes) is reused: the suite imports the same few test models some 150 times, at
+    0.4 s of CPU each. A network with a changed layer or weight is converted anew (so are the
+    tampered networks of the tests of the conversion check), and every import still checks its
+    conversion against Keras on the probe batch (lite_engine.convert)."""
     from inference import lite_engine
 
     convert_for_real = lite_engine._tflite_bytes
-    converted: dict[tuple[str, bool], bytes] = {}
+    folder = _shared_folder(tmp_path_factory) / "converted"
+    folder.mkdir(exist_ok=True)
 
     def reused(served, quantize: bool = False) -> bytes:
         # Its config names layers by a per-process counter (functional_7), so the network is known by
         # its layers' configs without their names, its weights and its outputs on a probe batch.
         layers = [{**layer.get_config(), "name": None} for layer in served.layers]
-        network = hashlib.sha256(repr(layers).encode())
+        network = hashlib.sha256(repr((layers, quantize)).encode())
         probe = lite_engine.default_probe(tuple(served.inputs[0].shape[1:]), size=2)
         outputs = served([probe] if isinstance(served.input, list) else probe, training=False)
         for array in [*served.get_weights(), *map(np.asarray, outputs)]:
             network.update(f"{array.dtype}{array.shape}".encode())
             network.update(array.tobytes())
-        key = (network.hexdigest(), quantize)
-        if key not in converted:
-            converted[key] = convert_for_real(served, quantize)
-        return converted[key]
+        path = folder / f"{network.hexdigest()}.tflite"
+        if not path.exists():
+            # Written whole under another name, then renamed: another worker never reads half a file.
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_bytes(convert_for_real(served, quantize))
+            partial.replace(path)
+        return path.read_bytes()
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lite_engine, "_tflite_bytes", reused)
@@ -136,18 +183,19 @@ class SeededTemplate:
     """The database as `app` starts it: migrated to the head, the seed-like model imported as
     "seed" and active. Made once per session; `copy_to` gives a test its own copy."""
 
-    def __init__(self, folder: Path, seed_model_file: Path):
-        uri = POSTGRES_URL or f"sqlite:///{folder / 'template.sqlite'}"
+    def __init__(self, folder: Path, seed_model_file: Path, backend: str):
+        self.postgresql = backend == "postgresql"
+        uri = POSTGRES_URL if self.postgresql else f"sqlite:///{folder / 'template.sqlite'}"
         config = {"INSTANCE_PATH": str(folder / "instance"), "SQLALCHEMY_DATABASE_URI": uri}
         self.app = create_app({**BASE_CONFIG, **config})
         with self.app.app_context():
-            if POSTGRES_URL:
+            if self.postgresql:
                 _drop_everything(db.engine)
             model_store.init_db()
             model_store.import_model(seed_model_file, name="seed")
             db.session.remove()
             with db.engine.begin() as connection:
-                if POSTGRES_URL:
+                if self.postgresql:
                     self._remember_rows(connection)
                 else:  # the whole database in the main file, none left in the WAL, so one copy holds it
                     connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -162,7 +210,7 @@ class SeededTemplate:
 
     def copy_to(self, uri: str) -> None:
         """Make the database at `uri` (not yet opened by any app) a copy of the template."""
-        if POSTGRES_URL:
+        if self.postgresql:
             with self.app.app_context():
                 self._restore_rows(db.engine)
                 db.engine.dispose()  # no idle connection of the template's left in a test's way
@@ -206,26 +254,46 @@ class SeededTemplate:
                 )
 
 
+@pytest.fixture(scope="module")
+def database_backend(request) -> str:
+    """The database the test's apps use: "sqlite" (a file per test), or "postgresql" (this
+    worker's database on CI's server) where pytest_generate_tests gave the test that parameter."""
+    return getattr(request, "param", "sqlite")
+
+
 @pytest.fixture(scope="session")
-def seeded_template(tmp_path_factory, seed_model_file) -> SeededTemplate:
-    return SeededTemplate(tmp_path_factory.mktemp("template"), seed_model_file)
+def seeded_templates(tmp_path_factory, seed_model_file) -> Callable[[str], SeededTemplate]:
+    """The seeded template of a backend, made the first time a test asks for it. (Not a fixture
+    parametrized by backend: pytest would make it again at every change of backend.)"""
+    made: dict[str, SeededTemplate] = {}
+
+    def template(backend: str) -> SeededTemplate:
+        if backend not in made:
+            made[backend] = SeededTemplate(tmp_path_factory.mktemp(f"template-{backend}"), seed_model_file, backend)
+        return made[backend]
+
+    return template
+
+
+def _database_uri(backend: str, folder: Path) -> str:
+    return POSTGRES_URL if backend == "postgresql" else f"sqlite:///{folder / 'test.sqlite'}"
 
 
 @pytest.fixture
-def make_app(request, tmp_path) -> Callable[..., Flask]:
+def make_app(request, tmp_path, database_backend) -> Callable[..., Flask]:
     """Build the real app on a temporary instance folder; keyword arguments override the test
     configuration. Every app of a test shares the test's database: a fresh SQLite file, or CI's
     PostgreSQL emptied; for a test that uses `app`, a copy of the seeded template instead."""
-    database_uri = POSTGRES_URL or f"sqlite:///{tmp_path / 'test.sqlite'}"
+    database_uri = _database_uri(database_backend, tmp_path)
     # Prepared before the first app of the test opens the database, whichever fixture builds it.
     seeded = {"app", "make_served_app"} & set(request.fixturenames)
     if seeded:
-        request.getfixturevalue("seeded_template").copy_to(database_uri)
+        request.getfixturevalue("seeded_templates")(database_backend).copy_to(database_uri)
     built: list[Flask] = []
 
     def build(instance: str = "instance", **overrides) -> Flask:
         app = _build_app(tmp_path / instance, database_uri, **overrides)
-        if POSTGRES_URL and not built and not seeded:
+        if database_backend == "postgresql" and not built and not seeded:
             with app.app_context():
                 _drop_everything(db.engine)
         built.append(app)
@@ -254,14 +322,14 @@ def _close(app: Flask) -> None:
 
 
 @pytest.fixture(scope="module")
-def module_app(seeded_template, tmp_path_factory) -> Iterator[Flask]:
+def module_app(seeded_templates, database_backend, tmp_path_factory) -> Iterator[Flask]:
     """Like `app`, but one for all the tests of a module, for what is costly to start per test (a
     server, a browser): the seeded template copied and served once. The module's tests see each
     other's rows and settings, so each must hold whatever state the others leave; a module that
     uses it uses neither `app` nor `make_app` (on PostgreSQL they would reset its tables)."""
     folder = tmp_path_factory.mktemp("module")
-    database_uri = POSTGRES_URL or f"sqlite:///{folder / 'test.sqlite'}"
-    seeded_template.copy_to(database_uri)
+    database_uri = _database_uri(database_backend, folder)
+    seeded_templates(database_backend).copy_to(database_uri)
     app = _build_app(folder / "instance", database_uri)
     serve_registry(app)
     yield app

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import POSTGRES_URL, image_bytes, nobody_can_run_python
+from helpers import image_bytes, nobody_can_run_python
 
 import model_store
 from deploy import frontdoor
@@ -148,8 +148,7 @@ def test_nginx_in_front_of_gunicorn(make_app, seed_model_file, tmp_path, monkeyp
 
 
 def run_front_door(make_app, seed_model_file, tmp_path, monkeypatch, instance: Path) -> None:
-    database = POSTGRES_URL or f"sqlite:///{instance / 'app.sqlite'}"
-    app = make_app(INSTANCE_PATH=str(instance), SQLALCHEMY_DATABASE_URI=database)
+    app = make_app(INSTANCE_PATH=str(instance), SQLALCHEMY_DATABASE_URI=f"sqlite:///{instance / 'app.sqlite'}")
     with app.app_context():
         model_store.init_db()
         model_store.import_model(seed_model_file, name="seed")

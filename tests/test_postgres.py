@@ -19,6 +19,7 @@ from helpers import POSTGRES_URL, gunicorn_user_env, image_bytes
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,  # two gunicorn servers
+    pytest.mark.postgresql_only,
     pytest.mark.skipif(
         not (POSTGRES_URL or "").startswith("postgresql"),
         reason="no PostgreSQL: set TEST_DATABASE_URL (CI runs .ci/start-postgres) to run the multi-instance tests",
