@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 from flask import Flask
@@ -304,9 +305,30 @@ def make_app(request, tmp_path, database_backend) -> Callable[..., Flask]:
         _close(app)
 
 
+class _TemplatesCompiledOnce(jinja2.BytecodeCache):
+    """Jinja's compiled templates kept for the whole test process. Each app has a Jinja environment
+    of its own, which would compile every template it renders again (some 30 ms an app); Jinja
+    checks each kept one against its template's source before it uses it."""
+
+    def __init__(self):
+        self.compiled: dict[str, bytes] = {}
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        if bucket.key in self.compiled:
+            bucket.bytecode_from_string(self.compiled[bucket.key])
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self.compiled[bucket.key] = bucket.bytecode_to_string()
+
+
+TEMPLATES_COMPILED_ONCE = _TemplatesCompiledOnce()
+
+
 def _build_app(instance: Path, database_uri: str, **overrides) -> Flask:
     config = {**BASE_CONFIG, "INSTANCE_PATH": str(instance), "SQLALCHEMY_DATABASE_URI": database_uri}
-    return create_app({**config, **overrides})
+    app = create_app({**config, **overrides})
+    app.jinja_env.bytecode_cache = TEMPLATES_COMPILED_ONCE
+    return app
 
 
 def _close(app: Flask) -> None:
