@@ -60,6 +60,7 @@ print(json.dumps(answers))
 
 
 @pytest.mark.slow
+@pytest.mark.backend_independent("what a worker imports; its pages and queries on PostgreSQL are the other tests'")
 def test_a_worker_answers_pages_api_card_history_and_maps_without_tensorflow(app, runner, other_model_file):
     make_user(runner, "op", role="operator")
     with app.app_context():

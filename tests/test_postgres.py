@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import POSTGRES_URL, gunicorn_user_env, image_bytes
 
+import model_store
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,  # two gunicorn servers
@@ -95,8 +97,11 @@ def test_two_instances_share_one_registry(app, tmp_path, other_model_file):
         for port in ports:
             status, body = wait_for(lambda p=port: get_json(f"http://127.0.0.1:{p}/healthz"))
             assert status == 200 and body["model"]["name"] == "seed"
-        # The operator imports and activates a model through instance one's CLI...
-        flask(env, tmp_path, "models", "import", str(other_model_file), "--name", "shared", "--activate")
+        # A model is imported (here, not in a child that would load TensorFlow again), and the
+        # operator activates it through instance one's CLI...
+        with app.app_context():
+            shared = model_store.import_model(other_model_file, name="shared").id
+        flask(env, tmp_path, "models", "activate", str(shared))
         # ...and instance two serves it, without a restart.
         for port in reversed(ports):
             wait_for(lambda p=port: get_json(f"http://127.0.0.1:{p}/healthz")[1]["model"]["name"] == "shared")
