@@ -67,6 +67,9 @@ frontdoor-bench: install
 # shares its module fixtures; files handed out heaviest first, as tests/conftest.py orders them);
 # TEST_WORKERS=0 runs it in this one. docs/testing.md has the timings.
 TEST_WORKERS ?= 2
+# Python's byte-code cache for the project's modules and pytest's rewritten tests (git ignores
+# __pycache__): an environment that turns it off would have each test process compile them all again.
+unexport PYTHONDONTWRITEBYTECODE
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## test: lint, then the test suite in one session: on SQLite, and the tests that use the database (marked db) on PostgreSQL as well when TEST_DATABASE_URL is set
