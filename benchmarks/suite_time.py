@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -34,13 +35,17 @@ def children_cpu_seconds() -> float:
 
 
 def time_target(target: str, folder: Path) -> dict:
-    """Run `make TARGET` in `folder`; its wall and CPU seconds, exit code and the last line it printed."""
+    """Run `make TARGET` in `folder`; its wall and CPU seconds, exit code and pytest's summary line
+    of each session it ran (a revision that ran the suite twice, once per backend, has two), with
+    the tests that failed."""
     cpu_before, started = children_cpu_seconds(), time.monotonic()
     done = subprocess.run(["make", "-s", target], cwd=folder, capture_output=True, text=True)
     wall, cpu = time.monotonic() - started, children_cpu_seconds() - cpu_before
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "exit": done.returncode, "last_line": last}
+    lines = (done.stdout + done.stderr).splitlines()
+    summaries = [line.strip("= ") for line in lines if re.search(r"\d+ (passed|failed)", line) and " in " in line]
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    run = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "exit": done.returncode}
+    return run | {"sessions": summaries, "failed": failed}
 
 
 def export_revision(revision: str, into: Path) -> Path:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = time_target(target, folder)
                 result["runs"].setdefault(target, {})[name] = run
                 figures = f"{run['wall_s']:8.1f} s wall {run['cpu_s']:8.1f} s CPU"
-                print(f"make {target:10} {name:24} {figures}  {run['last_line']}")
+                print(f"make {target:10} {name:24} {figures}  {'; '.join(run['sessions'])}")
             if args.baseline:
                 base, new = result["runs"][target][f"baseline {args.baseline}"], result["runs"][target]["this tree"]
                 ratios = {kind: round(new[f"{kind}_s"] / base[f"{kind}_s"], 2) for kind in ("wall", "cpu")}
