@@ -186,7 +186,7 @@ KEPT_ROWS = "template_rows"
 
 class SeededTemplate:
     """The database as `app` starts it: migrated to the head, the seed-like model imported as
-    "seed" and active. Made once per session; `copy_to` gives a test its own copy."""
+    "seed" and active. Made once per test process and backend; `copy_to` gives a test its own copy."""
 
     def __init__(self, folder: Path, seed_model_file: Path, backend: str):
         self.postgresql = backend == "postgresql"
