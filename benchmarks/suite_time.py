@@ -51,6 +51,18 @@ def time_target(target: str, folder: Path) -> dict:
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "sessions": summaries, "failed": failed}
 
 
+def reference_loop_seconds() -> float:
+    """Seconds this machine takes for a fixed pure-Python loop (best of three): the host's speed
+    varies between runs (by a third on one day), so each run says how fast it was."""
+    timings = []
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for number in range(10_000_000):
+            total += number
+        timings.append(time.perf_counter() - started)
+    return round(min(timings), 2)
+
+
 def warm_up(folder: Path) -> None:
     """Collect the suite once: the project's modules and pytest's rewritten tests compiled and cached."""
     collect = [str(folder / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "--collect-only", "-n", "0"]
@@ -83,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average_before": os.getloadavg(),
+        "reference_loop_s_before": reference_loop_seconds(),
         "postgresql": bool(os.environ.get("TEST_DATABASE_URL")),
         "runs": {},
     }
-    print(f"{result['cpu']}, {result['cores']} cores, load {result['load_average_before'][0]:.1f}")
+    speed = f"reference loop {result['reference_loop_s_before']} s"
+    print(f"{result['cpu']}, {result['cores']} cores, load {result['load_average_before'][0]:.1f}, {speed}")
     with tempfile.TemporaryDirectory() as scratch:
         trees = {"this tree": ROOT}
         if args.baseline:
@@ -105,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"][target]["ratio_to_baseline"] = ratios
                 print(f"make {target:10} ratio to the baseline: {ratios['wall']} wall, {ratios['cpu']} CPU")
     result["load_average_after"] = os.getloadavg()
+    result["reference_loop_s_after"] = reference_loop_seconds()
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS.relative_to(ROOT)}")
+    print(f"reference loop after: {result['reference_loop_s_after']} s; written to {RESULTS.relative_to(ROOT)}")
     failed = [t for t, runs in result["runs"].items() for r in runs.values() if isinstance(r, dict) and r.get("failed")]
     return 1 if failed else 0
 
