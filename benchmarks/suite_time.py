@@ -48,6 +48,10 @@ def time_target(target: str, folder: Path) -> dict:
     lines = (done.stdout + done.stderr).splitlines()
     summaries = [line.strip("= ") for line in lines if re.search(r"\d+ (passed|failed)", line) and " in " in line]
     failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    if not summaries or any(re.search(r"\d+ (failed|errors?)\b", line) for line in summaries):
+        # make -i goes on after lint, a usage error or a lost worker: no summary, or one with
+        # failures, marks the run as not all green whatever the lines above caught.
+        failed.append(f"make {target}: {len(summaries)} pytest summaries, not all green")
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "sessions": summaries, "failed": failed}
 
 

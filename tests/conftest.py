@@ -6,7 +6,8 @@ template; each test that asks for `app` starts from a copy of it (SQLite: the fi
 PostgreSQL: the tables emptied and the template's rows put back), the same state the migrations
 and the import would give, without paying for them in every test. Every test that builds the app
 is marked `db` unless it is marked `backend_independent(reason)`; when TEST_DATABASE_URL is set,
-each `db` test runs twice in the same session, `[sqlite]` and `[postgresql]`.
+each `db` test runs twice in the same session, `[sqlite]` and `[postgresql]` (a `postgresql_only`
+one on PostgreSQL alone; skipped without it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,7 +79,10 @@ def pytest_collection_modifyitems(items) -> None:
     module_app builds one for a whole module), unless it is marked `backend_independent` with the
     reason its outcome cannot depend on which database the app runs on (the rule: docs/testing.md,
     "Which tests run twice")."""
+    no_postgresql = pytest.mark.skip(reason="no PostgreSQL: set TEST_DATABASE_URL (CI runs .ci/start-postgres)")
     for item in items:
+        if item.get_closest_marker("postgresql_only") and "postgresql" not in BACKENDS:
+            item.add_marker(no_postgresql)
         if not {"make_app", "module_app"} & set(getattr(item, "fixturenames", ())):
             continue
         independent = item.get_closest_marker("backend_independent")
@@ -134,10 +139,11 @@ def converter_output_reused(tmp_path_factory) -> Iterator[None]:
             network.update(array.tobytes())
         path = folder / f"{network.hexdigest()}.tflite"
         if not path.exists():
-            # Written whole under another name, then renamed: another worker never reads half a file.
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            partial.write_bytes(convert_for_real(served, quantize))
-            partial.replace(path)
+            # Written whole under a name of its own, then renamed: no one reads half a file.
+            handle, partial = tempfile.mkstemp(dir=folder, suffix=".partial")
+            with os.fdopen(handle, "wb") as written:
+                written.write(convert_for_real(served, quantize))
+            os.replace(partial, path)
         return path.read_bytes()
 
     with pytest.MonkeyPatch.context() as patch:
@@ -247,9 +253,9 @@ class SeededTemplate:
             )
 
     def _restore_rows(self, engine) -> None:
-        """Empty the tables and put the template's rows back, in one round trip to the server. A
-        test that left another schema (bare_app, a test of the migrations) has the schema made
-        again first."""
+        """Empty the tables and put the template's rows back (after a look at the schema, one
+        script in one round trip). A test that left another schema (bare_app, a test of the
+        migrations) has the schema made again first."""
         with engine.begin() as connection:
             listed = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
             names = set(connection.execute(text(listed)).scalars())

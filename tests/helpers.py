@@ -32,7 +32,8 @@ def _database_of_this_worker(url: str | None) -> str | None:
     return named.set(database=f"{named.database}_{worker}").render_as_string(hide_password=False)
 
 
-# CI runs the suite a second time against PostgreSQL with this set (see .ci/run).
+# Set where TEST_DATABASE_URL names a PostgreSQL database (CI's: .ci/run): the tests that build the
+# app run on it too (tests/conftest.py).
 POSTGRES_URL = _database_of_this_worker(os.environ.get("TEST_DATABASE_URL"))
 
 

@@ -44,6 +44,7 @@ def test_thumbnails_keep_no_metadata_and_are_not_cached(app, client):
     assert response.headers["Cache-Control"] == "private, no-store"
 
 
+@pytest.mark.backend_independent("SQLite's own files and locks: the test names its SQLite database")
 def test_instance_folder_database_and_secret_key_are_private(make_app, seed_model_file, tmp_path):
     app = make_app(
         instance="private", SECRET_KEY=None, SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'private' / 'app.sqlite'}"
@@ -62,6 +63,7 @@ def test_instance_folder_database_and_secret_key_are_private(make_app, seed_mode
     assert {path.name: _mode(path) for path in files} == {path.name: 0o600 for path in files}
 
 
+@pytest.mark.backend_independent("SQLite's own files and locks: the test names its SQLite database")
 def test_an_existing_world_readable_instance_is_made_private(make_app, tmp_path):
     folder = tmp_path / "old"
     folder.mkdir(mode=0o755)
@@ -71,6 +73,7 @@ def test_an_existing_world_readable_instance_is_made_private(make_app, tmp_path)
     assert (_mode(folder), _mode(database)) == (0o700, 0o600)
 
 
+@pytest.mark.backend_independent("SQLite's own files and locks: the test names its SQLite database")
 def test_a_second_app_in_one_process_keeps_the_first_ones_sqlite_locks(make_app, tmp_path):
     """Closing a descriptor of the database file drops the process's POSIX locks, SQLite's too:
     another process closing its connection would then think itself the last one and delete the
