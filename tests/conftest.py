@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,12 +137,8 @@ def converter_output_reused(tmp_path_factory) -> Iterator[None]:
             network.update(f"{array.dtype}{array.shape}".encode())
             network.update(array.tobytes())
         path = folder / f"{network.hexdigest()}.tflite"
-        if not path.exists():
-            # Written whole under a name of its own, then renamed: no one reads half a file.
-            handle, partial = tempfile.mkstemp(dir=folder, suffix=".partial")
-            with os.fdopen(handle, "wb") as written:
-                written.write(convert_for_real(served, quantize))
-            os.replace(partial, path)
+        if not path.exists():  # written whole, then renamed: another worker never reads half a file
+            model_store.atomic_write(path, convert_for_real(served, quantize))
         return path.read_bytes()
 
     with pytest.MonkeyPatch.context() as patch:
@@ -196,7 +191,7 @@ class SeededTemplate:
 
     def __init__(self, folder: Path, seed_model_file: Path, backend: str):
         self.postgresql = backend == "postgresql"
-        uri = POSTGRES_URL if self.postgresql else f"sqlite:///{folder / 'template.sqlite'}"
+        uri = _database_uri(backend, folder)
         config = {"INSTANCE_PATH": str(folder / "instance"), "SQLALCHEMY_DATABASE_URI": uri}
         self.app = create_app({**BASE_CONFIG, **config})
         with self.app.app_context():

@@ -141,15 +141,16 @@ def fitted_calibration(app, row, images: int = 200, reference_images: int = 0) -
     from serving import spec_of
     from training.calibration_fit import calibrate_model, fit_drift_reference
 
-    key = (row.sha256, spec_of(row), images, reference_images)
+    spec = spec_of(row)
+    key = (row.sha256, spec, images, reference_images)
     if key not in _fitted:
         model = model_store.load_keras_model(model_store.served_file(row, app.config["MODEL_CACHE_DIR"]))
         pixels, labels, half = uniform_images(1, images), np.arange(images) % 10, images // 2
-        record = calibrate_model(model, spec_of(row), pixels[:half], labels[:half], pixels[half:], labels[half:])
+        record = calibrate_model(model, spec, pixels[:half], labels[:half], pixels[half:], labels[half:])
         reference = None
         if reference_images:
             held_out = uniform_images(2, reference_images)
-            reference = fit_drift_reference(model, spec_of(row), record, held_out, f"test: {reference_images} images")
+            reference = fit_drift_reference(model, spec, record, held_out, f"test: {reference_images} images")
         _fitted[key] = (record, reference)
     record, reference = _fitted[key]
     return copy.deepcopy(record), reference
