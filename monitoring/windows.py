@@ -124,10 +124,12 @@ def close_count_windows(model_id: int, size: int = WINDOW_SIZE) -> int:
                 DriftWindow.model_id == model_id, DriftWindow.kind == "count"
             )
         )
-        statement = select(DriftSample).where(DriftSample.model_id == model_id, DriftSample.id > (last or 0))
-        samples = list(db.session.scalars(statement.order_by(DriftSample.id).limit(size)))
-        if len(samples) < size:
+        pending = (DriftSample.model_id == model_id, DriftSample.id > (last or 0))
+        # Asked at every prediction: whether the window is full costs one id, not `size` samples.
+        nth_id = select(DriftSample.id).where(*pending).order_by(DriftSample.id).offset(size - 1).limit(1)
+        if db.session.scalar(nth_id) is None:
             return closed
+        samples = list(db.session.scalars(select(DriftSample).where(*pending).order_by(DriftSample.id).limit(size)))
         _store(
             model_id, "count", f"n{samples[0].id}", samples[0].created_at, samples[-1].created_at, samples, reference
         )
