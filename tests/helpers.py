@@ -129,6 +129,14 @@ def uniform_images(seed: int, n: int, low: int = 0, high: int = 256) -> np.ndarr
     return np.random.default_rng(seed).integers(low, high, (n, 32, 32, 3), dtype=np.uint8)
 
 
+def one_hot(ids, width: int) -> np.ndarray:
+    """Row i is 1 at column ids[i], 0 elsewhere: features no two different ids share (np.eye(width)
+    would build all width x width of them first)."""
+    rows = np.zeros((len(ids), width))
+    rows[np.arange(len(ids)), ids] = 1.0
+    return rows
+
+
 # (model file, spec, images, reference images) -> (calibration record, drift reference or None)
 _fitted: dict[tuple, tuple] = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import one_hot
 
 from labelling.queue import (
     CONFIRMED,
@@ -31,7 +32,7 @@ def candidate(i: int, top: int, margin: float, **fields) -> Candidate:
 
 def distinct_features(ids: list[int]) -> np.ndarray:
     """One-hot features: no two predictions alike."""
-    return np.eye(4096)[ids]
+    return one_hot(ids, 4096)
 
 
 def pool(count: int = 200, **fields) -> list[Candidate]:
@@ -115,8 +116,8 @@ def test_no_two_items_have_penultimate_features_more_alike_than_the_limit():
     # Predictions 0-29 are near-copies of one another in feature space (cosine about 0.99).
     def features(ids: list[int]) -> np.ndarray:
         rng = np.random.default_rng(ids)
-        base = np.eye(512)[0] * 10
-        return np.stack([base + rng.normal(0, 0.02, 512) if i < 30 else np.eye(512)[i] for i in ids])
+        base = one_hot([0], 512)[0] * 10
+        return np.stack([base + rng.normal(0, 0.02, 512) if i < 30 else one_hot([i], 512)[0] for i in ids])
 
     candidates = [candidate(i, i % 10, 0.01 + i / 1000) for i in range(100)]
     for seed in range(5):

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 
 import numpy as np
-from helpers import classify, random_image_bytes
+from helpers import classify, one_hot, random_image_bytes
 
 import prediction_history
 from accounts import Viewer
@@ -18,7 +18,7 @@ from prediction_history import HistoryEntry, ModelOutput
 
 def unlike(ids: list[int]) -> np.ndarray:
     """Features no two predictions share (one-hot)."""
-    return np.eye(1000)[ids]
+    return one_hot(ids, 1000)
 
 
 OPERATOR = Viewer(user_id=None, operator=True, name="op")
