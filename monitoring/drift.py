@@ -16,6 +16,9 @@ input tests): the target is at most 1 % of unshifted windows with any alarm, and
 each would raise several times that. The chi-square on predicted classes holds 4 of the 13 shares:
 a change of class priors shows in it alone, while a change of the photos moves several tests at
 once to p-values far below any level.
+
+SciPy is imported inside the functions that use it: a web worker that has not closed a window
+yet does not hold its memory (the lean worker's PSS budget).
 """
 
 from __future__ import annotations
@@ -23,15 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-
-def _stats():
-    """scipy.stats, imported at the first test run: a web worker that has not closed a window or
-    checked a canary yet does not hold its memory (the lean worker's PSS budget)."""
-    from scipy import stats
-
-    return stats
-
 
 ALPHA = 0.01
 ACCURACY_SIGMAS = 3.0
@@ -156,29 +150,35 @@ def estimate_accuracy(window: np.ndarray, reference: np.ndarray) -> AccuracyEsti
 def class_shift(window: np.ndarray, reference: np.ndarray, num_classes: int) -> tuple[float, float, float]:
     """Chi-square test of homogeneity of predicted-class counts (2 x classes table, classes that
     neither side predicts left out): (statistic, p-value, Jensen-Shannon distance, base 2)."""
+    from scipy import stats
+    from scipy.spatial.distance import jensenshannon
+
     counts = np.stack([np.bincount(reference, minlength=num_classes), np.bincount(window, minlength=num_classes)])
     counts = counts[:, counts.sum(axis=0) > 0]
-    from scipy.spatial.distance import jensenshannon  # at the first test run, as _stats()
 
     distance = float(jensenshannon(counts[0] / counts[0].sum(), counts[1] / counts[1].sum(), base=2))
     if counts.shape[1] < 2:
         return 0.0, 1.0, distance
-    result = _stats().chi2_contingency(counts, correction=False)
+    result = stats.chi2_contingency(counts, correction=False)
     return float(result.statistic), float(result.pvalue), distance
 
 
 def ks(window: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov test: (statistic, p-value)."""
-    result = _stats().ks_2samp(window, reference)
+    from scipy import stats
+
+    result = stats.ks_2samp(window, reference)
     return float(result.statistic), float(result.pvalue)
 
 
 def rate_test(successes: int, trials: int, reference_rate: float, alternative: str = "two-sided") -> float:
     """Binomial test of a window's rate against the reference's; its p-value."""
+    from scipy import stats
+
     if trials == 0:
         return 1.0
     rate = min(max(reference_rate, 1e-6), 1 - 1e-6)  # a rate of exactly 0 or 1 makes any other count impossible
-    return float(_stats().binomtest(successes, trials, rate, alternative=alternative).pvalue)
+    return float(stats.binomtest(successes, trials, rate, alternative=alternative).pvalue)
 
 
 def rbf_kernel(points: np.ndarray, bandwidth: float | None = None) -> np.ndarray:

@@ -3,7 +3,8 @@ same window, the rollback checks, and what a canary does next (nothing, step, pr
 
 Flask-free and database-free: the app feeds it windows read from the history (rollout_state.py)
 and the simulations (benchmarks/rollout_simulation.py, tests/test_rollout_checks.py) feed it precomputed
-model outputs, so both judge through this one code path.
+model outputs, so both judge through this one code path. SciPy is imported inside the functions that use it: a
+web worker that has not checked a canary yet does not hold its memory (the lean worker's PSS budget).
 """
 
 from __future__ import annotations
@@ -14,15 +15,6 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 import numpy as np
-
-
-def _stats():
-    """scipy.stats, imported at the first test run: a web worker that has not closed a window or
-    checked a canary yet does not hold its memory (the lean worker's PSS budget)."""
-    from scipy import stats
-
-    return stats
-
 
 DECISIONS = ("confident", "unsure", "unknown")
 
@@ -269,9 +261,11 @@ def _unknown_check(champion: VersionWindow, challenger: VersionWindow, paired: P
     one's own requests. The paired test is the one canaries use: on independent requests a
     challenger identical to the champion was rolled back for its unknown rate in 2 of 20
     simulated canaries (docs/benchmarks.md)."""
+    from scipy import stats
+
     if len(paired) >= criteria.check_every:
         mine, theirs = paired.unknown_discordant()
-        p = float(_stats().binomtest(mine, mine + theirs, 0.5, alternative="greater").pvalue) if mine + theirs else 1.0
+        p = float(stats.binomtest(mine, mine + theirs, 0.5, alternative="greater").pvalue) if mine + theirs else 1.0
         detail = (
             f"on {len(paired)} requests both answered: unknown to the challenger only {mine}, champion only {theirs}"
         )
@@ -284,11 +278,13 @@ def _unknown_check(champion: VersionWindow, challenger: VersionWindow, paired: P
     if pooled in (0.0, 1.0):
         return Check("unknown rate", True, 1.0, criteria.unknown_p, "the same rate on both")
     z = (k1 / n1 - k2 / n2) / np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    p = float(_stats().norm.sf(z))
+    p = float(stats.norm.sf(z))
     return Check("unknown rate", p >= criteria.unknown_p, p, criteria.unknown_p, f"{k1}/{n1} against {k2}/{n2}")
 
 
 def _class_check(champion: VersionWindow, challenger: VersionWindow, criteria: Criteria) -> Check:
+    from scipy import stats
+
     if challenger.answers < criteria.check_every or not champion.answers:
         return Check("class distribution", None, None, criteria.class_p, f"{challenger.answers} challenger answers")
     names = sorted(set(champion.classes) | set(challenger.classes))
@@ -296,17 +292,19 @@ def _class_check(champion: VersionWindow, challenger: VersionWindow, criteria: C
         return Check("class distribution", True, 1.0, criteria.class_p, "one class on both")
     mine, theirs = Counter(challenger.classes), Counter(champion.classes)
     table = np.array([[mine[name] for name in names], [theirs[name] for name in names]])
-    p = float(_stats().chi2_contingency(table)[1])
+    p = float(stats.chi2_contingency(table)[1])
     top = max(names, key=lambda name: mine[name] / challenger.answers - theirs[name] / champion.answers)
     detail = f"most over-predicted: {top} ({mine[top]}/{challenger.answers} against {theirs[top]}/{champion.answers})"
     return Check("class distribution", p >= criteria.class_p, p, criteria.class_p, detail)
 
 
 def _conflict_check(paired: Paired, criteria: Criteria) -> Check:
+    from scipy import stats
+
     if not len(paired):
         return Check("confident conflicts", None, None, criteria.conflict_limit, "no requests scored by both")
     conflicts = paired.confident_conflicts()
-    p = float(_stats().binomtest(conflicts, len(paired), criteria.conflict_limit, alternative="greater").pvalue)
+    p = float(stats.binomtest(conflicts, len(paired), criteria.conflict_limit, alternative="greater").pvalue)
     detail = f"{conflicts}/{len(paired)} confident conflicts (p {p:.2g} against the limit)"
     return Check(
         "confident conflicts", p >= criteria.conflict_p, conflicts / len(paired), criteria.conflict_limit, detail
@@ -327,6 +325,8 @@ class Accuracy:
 
 
 def paired_accuracy(paired: Paired, confidence: float = 0.95) -> Accuracy:
+    from scipy import stats
+
     labelled, worse, better = paired.discordant()
     if not labelled:
         return Accuracy(0, None, None, None, None, None)
@@ -338,9 +338,9 @@ def paired_accuracy(paired: Paired, confidence: float = 0.95) -> Accuracy:
     difference = (better - worse) / labelled
     # The paired difference's standard error (Wald, on the discordant counts).
     variance = max((better + worse) / labelled - difference**2, 0.0) / labelled
-    lower = difference - float(_stats().norm.ppf(confidence)) * np.sqrt(variance)
+    lower = difference - float(stats.norm.ppf(confidence)) * np.sqrt(variance)
     discordant = worse + better
-    mcnemar = float(_stats().binomtest(min(worse, better), discordant, 0.5).pvalue) if discordant else 1.0
+    mcnemar = float(stats.binomtest(min(worse, better), discordant, 0.5).pvalue) if discordant else 1.0
     return Accuracy(labelled, champion, challenger, difference, float(lower), mcnemar)
 
 
