@@ -10,6 +10,7 @@ checked for what they may import.
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 import tomllib
@@ -30,11 +31,18 @@ def own_modules() -> dict[str, Path]:
     return modules
 
 
+@functools.cache
+def nodes_of(path: Path) -> tuple[ast.AST, ...]:
+    """Every node of a file's syntax tree, parsed and walked once per test process (several
+    tests read the same files)."""
+    return tuple(ast.walk(ast.parse(path.read_text(), str(path))))
+
+
 def imported_names(module: str, path: Path) -> set[str]:
     """Every dotted name the module imports anywhere in it (`from a import b` gives a and a.b)."""
     package = module if path.stem == "__init__" else module.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes_of(path):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -134,7 +142,7 @@ def test_no_script_edits_sys_path():
     for path in [*ROOT.glob("*.py"), *ROOT.glob("*/*.py")]:
         if path.parent.name == ".venv":
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in nodes_of(path):
             if isinstance(node, ast.Attribute) and ast.unparse(node) in ("sys.path.insert", "sys.path.append"):
                 editing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not editing
@@ -166,7 +174,7 @@ def calls_by_module(method: str) -> dict[str, set[str]]:
     """Own module -> the receivers of its `X.method(...)` calls (`csrf` for csrf.init_app(app))."""
     found: dict[str, set[str]] = {}
     for module, path in own_modules().items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in nodes_of(path):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method:
                 found.setdefault(module, set()).add(ast.unparse(node.func.value))
     return found
