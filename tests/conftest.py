@@ -55,6 +55,9 @@ BASE_CONFIG = {
 BACKENDS = ("sqlite", "postgresql") if POSTGRES_URL else ("sqlite",)
 
 
+IN_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
 def _exit_without_finalizing() -> None:
     """A pytest-xdist worker has sent its reports when Python exits: tearing TensorFlow down
     would only keep the run waiting (2 s a worker)."""
@@ -63,7 +66,7 @@ def _exit_without_finalizing() -> None:
     os._exit(0)
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if IN_WORKER:
     atexit.register(_exit_without_finalizing)  # registered early: the last of the exit handlers to run
 
 
@@ -130,6 +133,14 @@ def pytest_collection_finish(session) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(700, 10, 1000)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session) -> None:
+    """A worker's reports are on their way; what pytest does next is one more full collection of
+    the run's garbage (a second), for finalizers whose warnings no report would carry any more."""
+    if IN_WORKER:
+        gc.freeze()
 
 
 def _shared_folder(tmp_path_factory) -> Path:
