@@ -167,10 +167,17 @@ def candidates() -> list[Candidate]:
 
 def _challenger_answers(prediction_ids: set[int]) -> dict[int, tuple[str, float]]:
     """The latest shadow challenger's (top class, confidence) per prediction, among `prediction_ids`."""
+    if not prediction_ids:
+        return {}
     statement = (
         select(ModelOutput.prediction_id, ModelOutput.top_class, ModelOutput.confidence)
         .join(HistoryEntry, HistoryEntry.id == ModelOutput.prediction_id)
-        .where(ModelOutput.role == "challenger", HistoryEntry.feedback.is_(None))
+        .where(
+            ModelOutput.role == "challenger",
+            HistoryEntry.feedback.is_(None),
+            # The pool is the newest predictions: no need to read the answers to every older one.
+            ModelOutput.prediction_id >= min(prediction_ids),
+        )
         .order_by(ModelOutput.created_at, ModelOutput.id)
     )
     return {pid: (top, confidence) for pid, top, confidence in db.session.execute(statement) if pid in prediction_ids}
