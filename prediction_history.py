@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -136,6 +137,21 @@ class ModelOutput(db.Model):
     # Calibrated probabilities in the model's class order.
     probabilities: Mapped[list] = mapped_column(JSON, nullable=False)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+
+
+class RolloutObservation(db.Model):
+    """One model's call for one request while a challenger is tried: latency when it answered, and
+    whether it failed (the canary's latency and error checks read them). Purged with the
+    predictions of its time."""
+
+    __tablename__ = "rollout_observations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    model_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    answered: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
 def record(
@@ -287,12 +303,14 @@ def adopt(anonymous: Viewer, account: Viewer) -> int:
 
 
 def purge(retention_days: float, now: datetime | None = None) -> int:
-    """Delete predictions older than the retention period; how many. A period of 0 (or less)
-    means "kept until deleted": nothing is purged (purge_all deletes every prediction)."""
+    """Delete predictions older than the retention period, and the rollout observations of that
+    time; how many predictions. A period of 0 (or less) means "kept until deleted": nothing is
+    purged (purge_all deletes every prediction)."""
     if retention_days <= 0:
         return 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     result = db.session.execute(delete(HistoryEntry).where(HistoryEntry.created_at < cutoff))
+    db.session.execute(delete(RolloutObservation).where(RolloutObservation.created_at < cutoff))
     db.session.commit()
     return result.rowcount
 

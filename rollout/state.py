@@ -21,7 +21,7 @@ import model_store
 from app_errors import AppError
 from database import db
 from model_store import ModelVersion
-from prediction_history import HistoryEntry, ModelOutput
+from prediction_history import HistoryEntry, ModelOutput, RolloutObservation
 from rollout import checks as rollout_checks
 from rollout.checks import Action, Answer, Criteria, Observation, Progress
 
@@ -97,19 +97,6 @@ class RolloutEvent(db.Model):
             "share": self.share,
             "reason": self.reason,
         }
-
-
-class RolloutObservation(db.Model):
-    """One model's call for one request: latency when it answered, and whether it failed."""
-
-    __tablename__ = "rollout_observations"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
-    model_id: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
-    answered: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    latency_ms: Mapped[float | None] = mapped_column(Float)
-    error: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
 @dataclass(frozen=True)

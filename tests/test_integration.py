@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from helpers import classify, fitted_calibration, random_image_bytes, serve_registry
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import model_store
 import prediction_history
@@ -19,7 +19,7 @@ from labelling import store as label_store
 from labelling.store import LabelItem
 from monitoring import store as drift_store
 from monitoring.store import DriftSample
-from prediction_history import HistoryEntry, ModelOutput
+from prediction_history import HistoryEntry, ModelOutput, RolloutObservation
 
 OPERATOR = Viewer(operator=True, name="op")
 
@@ -114,5 +114,10 @@ def test_deleting_forgetting_and_purging_predictions_leave_nothing_of_them(canar
         owner = db.session.get(HistoryEntry, canary[1]).owner_session
         assert prediction_history.forget(Viewer(session_id=owner)) == 3
         assert orphans() == {}
+        observations = select(func.count()).select_from(RolloutObservation)
+        assert db.session.scalar(observations) > 0  # the canary's latencies, kept no longer than its answers
+        assert prediction_history.purge(1) == 0  # all made today: none older than a day
+        assert db.session.scalar(observations) > 0
         assert prediction_history.purge(1, now=datetime.now(UTC) + timedelta(days=2)) == len(shadow)
         assert orphans() == {} and db.session.scalar(select(HistoryEntry.id)) is None
+        assert db.session.scalar(observations) == 0

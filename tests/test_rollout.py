@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 import model_store
 from database import db
-from prediction_history import HistoryEntry, ModelOutput
+from prediction_history import HistoryEntry, ModelOutput, RolloutObservation
 from rollout import checks as rollout_checks
 from rollout import state as rollout_state
 from web.extensions import model_serving
@@ -179,7 +179,7 @@ def test_a_prediction_deleted_before_its_shadow_answer_is_written_keeps_the_requ
     assert worker.wait_idle()
     assert worker.counts["failed"] == 0 and worker.counts["done"] == 1
     with app.app_context():
-        observed = db.session.scalars(select(rollout_state.RolloutObservation.model_id)).all()
+        observed = db.session.scalars(select(RolloutObservation.model_id)).all()
         assert sorted(observed) == [1, other] and db.session.scalar(select(ModelOutput.id)) is None
 
 

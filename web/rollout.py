@@ -31,7 +31,7 @@ import model_store
 import serving
 from database import db
 from model_store import ModelCalibration, ModelVersion
-from prediction_history import ModelOutput
+from prediction_history import ModelOutput, RolloutObservation
 from predictor import ImageError
 from rollout import checks as rollout_checks
 from rollout import state as rollout_state
@@ -176,12 +176,12 @@ class OffPathWorker:
 
     def _process(self, jobs: list[Job]) -> None:
         now = datetime.now(UTC)
-        observations: list[rollout_state.RolloutObservation] = []
+        observations: list[RolloutObservation] = []
         outputs: list[ModelOutput] = []
         outcomes = []
         for job in jobs:
             observations.append(
-                rollout_state.RolloutObservation(
+                RolloutObservation(
                     created_at=now,
                     model_id=job.answered.id,
                     answered=True,
@@ -212,7 +212,7 @@ class OffPathWorker:
         rollout_state.maybe_check()
 
 
-def _score_companion(job: Job, now: datetime) -> tuple[rollout_state.RolloutObservation, list[ModelOutput]]:
+def _score_companion(job: Job, now: datetime) -> tuple[RolloutObservation, list[ModelOutput]]:
     """The companion's answers to the job's uploads, timed; a failure is observed, not raised."""
     model, role = job.companion, job.companion_role
     started = time.perf_counter()
@@ -221,9 +221,7 @@ def _score_companion(job: Job, now: datetime) -> tuple[rollout_state.RolloutObse
     except Exception as exc:  # the challenger failing off the path is a finding, not an outage
         log.warning("the %s model (id %s) failed off the path: %s", role, model.id, exc)
         ERRORS.labels(**_labels(model, role)).inc()
-        return rollout_state.RolloutObservation(
-            created_at=now, model_id=model.id, answered=False, latency_ms=None, error=True
-        ), []
+        return RolloutObservation(created_at=now, model_id=model.id, answered=False, latency_ms=None, error=True), []
     elapsed = (time.perf_counter() - started) * 1000
     LATENCY.labels(**_labels(model, role), path="scored").observe(elapsed / 1000)
     outputs = []
@@ -247,9 +245,7 @@ def _score_companion(job: Job, now: datetime) -> tuple[rollout_state.RolloutObse
                 latency_ms=elapsed / len(predictions),
             )
         )
-    observation = rollout_state.RolloutObservation(
-        created_at=now, model_id=model.id, answered=False, latency_ms=elapsed, error=False
-    )
+    observation = RolloutObservation(created_at=now, model_id=model.id, answered=False, latency_ms=elapsed, error=False)
     return observation, outputs
 
 
