@@ -114,17 +114,22 @@ class ReferenceCache:
         self._lock = threading.Lock()
 
     def get(self, model_id: int) -> Reference | None:
+        fitted = self.get_fitted(model_id)
+        return None if fitted is None else fitted[1]
+
+    def get_fitted(self, model_id: int) -> tuple[datetime, Reference] | None:
+        """The model's reference and when it was stored (naive UTC on SQLite), or None."""
         stamp = db.session.scalar(select(DriftReference.created_at).where(DriftReference.model_id == model_id))
         if stamp is None:
             return None
         cached = self._cached.get(model_id)
         if cached is not None and cached[0] == stamp:
-            return cached[1]
+            return cached
         data = db.session.scalar(select(DriftReference.data).where(DriftReference.model_id == model_id))
-        reference = Reference.from_bytes(data)
+        fitted = (stamp, Reference.from_bytes(data))
         with self._lock:
-            self._cached[model_id] = (stamp, reference)
-        return reference
+            self._cached[model_id] = fitted
+        return fitted
 
 
 references = ReferenceCache()

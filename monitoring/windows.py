@@ -5,8 +5,11 @@ week with at least MIN_COUNT predictions. A count window closes in the request t
 last prediction; day and week windows close on the first record of a process after their period
 ends, and whenever the monitoring page, `flask drift report` or the gauges read them. A closed
 window's results are stored (monitoring/store.py, drift_windows); its samples go with their
-predictions when retention purges them. A period longer than the retention period loses its
-oldest samples: keep RETENTION_DAYS at 7 or more for weekly windows.
+predictions when retention purges them. Only samples recorded since the model's reference was
+(re)fitted count: those before a refit were scored and projected with the calibration and
+reference it replaced, so a window mixing both would flag the refit itself as drift. A period
+longer than the retention period loses its oldest samples: keep RETENTION_DAYS at 7 or more for
+weekly windows.
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ def close_count_windows(model_id: int, size: int = WINDOW_SIZE) -> int:
     """Close every full window of `size` predictions of a model not yet closed; how many."""
     if size < MIN_WINDOW_SIZE:
         raise ValueError(f"a drift window needs at least {MIN_WINDOW_SIZE} predictions")
-    reference = references.get(model_id)
-    if reference is None:
+    fitted = references.get_fitted(model_id)
+    if fitted is None:
         return 0
+    fitted_at, reference = fitted
     closed = 0
     while True:
         last = db.session.scalar(
@@ -124,7 +128,7 @@ def close_count_windows(model_id: int, size: int = WINDOW_SIZE) -> int:
                 DriftWindow.model_id == model_id, DriftWindow.kind == "count"
             )
         )
-        pending = (DriftSample.model_id == model_id, DriftSample.id > (last or 0))
+        pending = (DriftSample.model_id == model_id, DriftSample.id > (last or 0), DriftSample.created_at >= fitted_at)
         # Asked at every prediction: whether the window is full costs one id, not `size` samples.
         nth_id = select(DriftSample.id).where(*pending).order_by(DriftSample.id).offset(size - 1).limit(1)
         if db.session.scalar(nth_id) is None:
@@ -144,11 +148,16 @@ def period_start(moment: datetime, kind: str) -> datetime:
 
 def close_period_windows(model_id: int, now: datetime | None = None, minimum: int = MIN_COUNT) -> int:
     """Close the model's ended days and weeks with at least `minimum` predictions; how many."""
-    reference = references.get(model_id)
-    if reference is None:
+    fitted = references.get_fitted(model_id)
+    if fitted is None:
         return 0
+    fitted_at = fitted[0]
     now = now or datetime.now(UTC)
-    first = db.session.scalar(select(func.min(DriftSample.created_at)).where(DriftSample.model_id == model_id))
+    first = db.session.scalar(
+        select(func.min(DriftSample.created_at)).where(
+            DriftSample.model_id == model_id, DriftSample.created_at >= fitted_at
+        )
+    )
     if first is None:
         return 0
     first, closed = _aware(first), 0
@@ -158,14 +167,20 @@ def close_period_windows(model_id: int, now: datetime | None = None, minimum: in
         )
         start = period_start(max(first, _aware(done)) if done else first, kind)
         while start + length <= now:
-            closed += _close_period(model_id, kind, start, start + length, minimum, reference)
+            closed += _close_period(model_id, kind, start, start + length, minimum, fitted)
             start += length
     return closed
 
 
-def _close_period(model_id: int, kind: str, start: datetime, end: datetime, minimum: int, reference) -> int:
+def _close_period(
+    model_id: int, kind: str, start: datetime, end: datetime, minimum: int, fitted: tuple[datetime, Reference]
+) -> int:
+    """Close the period if it holds `minimum` samples recorded since the reference was fitted."""
+    fitted_at, reference = fitted
     statement = select(DriftSample).where(
-        DriftSample.model_id == model_id, DriftSample.created_at >= start, DriftSample.created_at < end
+        DriftSample.model_id == model_id,
+        DriftSample.created_at >= max(start, _aware(fitted_at)),
+        DriftSample.created_at < end,
     )
     samples = list(db.session.scalars(statement.order_by(DriftSample.id)))
     if len(samples) < minimum:

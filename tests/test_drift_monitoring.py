@@ -121,12 +121,41 @@ def test_day_and_week_windows_need_their_minimum(monitored):
     with monitored.app_context():
         ten_days_ago = datetime.now(UTC) - timedelta(days=10)
         db.session.execute(update(DriftSample).values(created_at=ten_days_ago))
+        # The reference was fitted before them: samples older than their reference are never in a window.
+        db.session.execute(update(DriftReference).values(created_at=ten_days_ago - timedelta(hours=1)))
         db.session.commit()
         assert windows.close_period_windows(1, minimum=300) == 0
         assert windows.close_period_windows(1) == 2  # the day and the week of ten days ago
         assert windows.close_period_windows(1) == 0  # closed once
         kinds = sorted(w.kind for w in windows.windows())
     assert kinds == ["day", "week"]
+
+
+def test_a_refit_starts_the_windows_again(monitored):
+    # Predictions scored under the calibration and reference a refit replaces never share a window
+    # with those after it: the old ones alone are not a window (too few), the new ones make one.
+    client = monitored.test_client()
+    send(client, uniform_images(4, 100))
+    with monitored.app_context():
+        store.set_reference(1, references.get(1))  # as `flask models calibrate` does again
+        first_after = db.session.scalar(select(func.max(DriftSample.id))) + 1
+    send(client, uniform_images(5, 200))
+    with monitored.app_context():
+        assert windows.close_count_windows(1, size=200) == 1
+        assert windows.close_count_windows(1, size=200) == 0
+        window = db.session.scalar(select(DriftWindow))
+        assert (window.key, window.count) == (f"n{first_after}", 200)
+        assert window.last_sample_id == db.session.scalar(select(func.max(DriftSample.id)))
+        # Days and weeks too: moved to one past day (noon, the refit; an hour before and after it),
+        # the day and the week hold only the 200 made since the refit.
+        noon = (datetime.now(UTC) - timedelta(days=10)).replace(hour=12, minute=0, second=0, microsecond=0)
+        hour = timedelta(hours=1)
+        db.session.execute(update(DriftSample).where(DriftSample.id < first_after).values(created_at=noon - hour))
+        db.session.execute(update(DriftSample).where(DriftSample.id >= first_after).values(created_at=noon + hour))
+        db.session.execute(update(DriftReference).values(created_at=noon))
+        db.session.commit()
+        assert windows.close_period_windows(1, minimum=201) == 0
+        assert windows.close_period_windows(1, minimum=200) == 2
 
 
 def test_monitoring_page_plot_and_gauges(monitored):
