@@ -19,11 +19,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 import model_store
 from database import db
+from inference.calibration import Calibration
 from inference.ood import HELDOUT_PASS_RATE
 from labelling import store
 from labelling.ood_tuning import Proposal, TooFewLabels, propose
 from labelling.queue import REJECTED
 from model_store import ModelCalibration
+from monitoring import store as drift_store
 from prediction_history import HistoryEntry
 
 # The lanes whose labels are evidence: random (uniform: in scope or not) and ood (the highest scores).
@@ -133,13 +135,17 @@ def proposal(model_id: int | None = None) -> Proposal:
 
 def apply(author: str, model_id: int | None = None) -> tuple[Proposal, OodThresholdChange]:
     """Write the proposed threshold into the model's calibration record (a new calibration time:
-    serving workers reload the model) and log the change, in one transaction."""
+    serving workers reload the model), take the drift reference's decisions again at it (its
+    windows start again), and log the change, in one transaction."""
     found = evidence(model_id)
     proposed = propose(found.in_scope, found.none, found.current, found.pass_rate)
     record = model_store.get_full_calibration(found.model_id)
     record = {**record, "ood": {**record["ood"], "threshold": proposed.proposed}}
+    reference = drift_store.references.get(found.model_id)
     try:
         applied_at = model_store.put_calibration(found.model_id, record)
+        if reference is not None:  # its decisions taken again at the new threshold
+            drift_store.put_reference(found.model_id, reference.decided_by(Calibration.from_record(record)))
         change = OodThresholdChange(
             model_id=found.model_id,
             applied_at=applied_at,

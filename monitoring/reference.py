@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,6 +65,18 @@ class Reference:
         if self.pca is None or features is None:
             return None
         return self.pca.project(np.atleast_2d(features))
+
+    def decided_by(self, calibration) -> Reference:
+        """The same reference with each image's decision taken again by `calibration`'s thresholds
+        (inference.calibration.Calibration) from its stored top probability and OOD score: when a
+        threshold moves (the label queue's OOD tuning), the served decisions move with it, and a
+        reference left with the old ones would report the change as drift."""
+        ood_scores = self.sample.ood_scores if self.sample.ood_scores is not None else [None] * len(self.sample)
+        decisions = [
+            calibration.decide(float(p), None if o is None else float(o))
+            for p, o in zip(self.sample.top_probability, ood_scores, strict=True)
+        ]
+        return replace(self, sample=replace(self.sample, decisions=np.array(decisions)))
 
     def summary(self) -> dict:
         """The small public part: what the monitoring page and the model card show."""

@@ -93,13 +93,19 @@ class DriftWindow(db.Model):
 
 
 def set_reference(model_id: int, reference: Reference) -> None:
-    """Store (or replace) a model's drift reference."""
+    """Store (or replace) a model's drift reference, and commit."""
+    put_reference(model_id, reference)
+    db.session.commit()
+
+
+def put_reference(model_id: int, reference: Reference) -> None:
+    """Store (or replace) a model's drift reference in the caller's transaction; its new time
+    starts the model's windows again (monitoring/windows.py)."""
     row = db.session.get(DriftReference, model_id) or DriftReference(model_id=model_id)
     row.created_at = datetime.now(UTC)
     row.summary = reference.summary()
     row.data = reference.to_bytes()
     db.session.add(row)
-    db.session.commit()
 
 
 def reference_summary(model_id: int) -> dict | None:

@@ -16,6 +16,9 @@ import serving
 from accounts import Viewer
 from database import db
 from labelling import ood_store, store
+from monitoring import store as drift_store
+from monitoring.drift import IMAGE_STATISTICS, Sample
+from monitoring.reference import Reference
 from prediction_history import HistoryEntry
 
 OPERATOR = Viewer(user_id=None, operator=True, name="op")
@@ -152,6 +155,36 @@ def test_apply_changes_the_served_models_decisions_and_is_logged(app, client, ru
     login(client, "olga")
     page = client.get("/label/queue").get_data(as_text=True)
     assert "supported by the labels" in page and f"{change.new_threshold:.3f}" in page and change.author in page
+
+
+def test_applying_a_threshold_takes_the_drift_references_decisions_again(app, runner):
+    # A reference whose OOD scores are known: after the threshold moves, its unknown rate is the
+    # share above the new one, as the served decisions are (else drift monitoring would report
+    # the change it was told about as a rise in unknowns).
+    force_calibration(app, confidence_threshold=0.0, ood_threshold=CURRENT)
+    scores = np.linspace(-4.0, 6.0, 101).astype(np.float32)
+    sample = Sample(
+        classes=np.zeros(101, np.int64),
+        top_probability=np.full(101, 0.9),
+        decisions=np.where(scores > CURRENT, "unknown", "confident"),
+        ood_scores=scores.astype(np.float64),
+        statistics=np.zeros((101, len(IMAGE_STATISTICS))),
+        embeddings=None,
+    )
+    with app.app_context():
+        model = model_store.get_active()
+        drift_store.set_reference(model.id, Reference(tuple(model.class_names), sample, None, "test"))
+        fitted_before = drift_store.references.get_fitted(model.id)[0]
+    labelled(app, "random", "right", np.linspace(-3.0, 0.0, 100))
+    labelled(app, "ood", "none", np.linspace(0.5, 1.9, 10))
+    assert tune(runner, "--apply")["applied"] is True
+    with app.app_context():
+        threshold = model_store.get_calibration(model.id)["ood"]["threshold"]
+        fitted_after, stored = drift_store.references.get_fitted(model.id)
+        summary = drift_store.reference_summary(model.id)
+    assert threshold < 0.0 and fitted_after > fitted_before  # its windows start again
+    assert list(stored.sample.decisions) == ["unknown" if s > threshold else "confident" for s in scores]
+    assert summary["unknown_rate"] == np.mean(scores > threshold) > np.mean(scores > CURRENT)
 
 
 def test_a_new_calibration_makes_older_labels_stale(app, runner):
