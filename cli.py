@@ -21,6 +21,7 @@ from labelling import store as label_store
 from model_sandbox import ImportLimits
 from model_store import ModelStoreError
 from monitoring import store as drift_store
+from monitoring import windows as drift_windows
 from monitoring.reference import REFERENCE_FILE
 from predictor import INPUT_SCALES, OUTPUT_KINDS, ImageError
 from registry import metrics_schema
@@ -314,6 +315,7 @@ def calibrate_command(model_id: int, data: Path, val_fraction: float, seed: int,
         splits = folder_splits(spec_of(row), data, val_fraction, seed)
         record = calibrate_folder(model, spec_of(row), splits, target_accuracy=target_accuracy, engine=engine)
         reference = fit_drift_reference(model, spec_of(row), record, splits.heldout_images, splits.source, engine)
+        drift_windows.close_period_windows(model_id)  # the days and weeks due, under the fit they were recorded with
         model_store.set_calibration(model_id, record)
         drift_store.set_reference(model_id, reference)
     except (ModelStoreError, ValueError) as exc:

@@ -44,7 +44,9 @@ def report_command(since: datetime | None, as_json: bool) -> None:
         click.echo(json.dumps({"windows": [windows.to_json(w) for w in found]}, indent=2))
         return
     if not found:
-        click.echo("no drift windows yet: a window closes every 500 predictions of a model with a drift reference")
+        click.echo(
+            "no drift windows yet: a window closes every 500 predictions made since a model's reference was fitted"
+        )
         return
     click.echo(f"{'model':<24} {'kind':<5} {'start':<16} {'count':>6} {'est. acc.':>12} {'min p':>9}  alerts")
     for w in found:
@@ -79,6 +81,7 @@ def fit_reference_command(model_id: int, data: Path, val_fraction: float, seed: 
         reference = fit_drift_reference(model, spec_of(row), record, splits.heldout_images, splits.source)
     except (ModelStoreError, ValueError) as exc:
         raise click.ClickException(f"no reference fitted: {exc}") from exc
+    windows.close_period_windows(model_id)  # the days and weeks due, with the reference they were recorded under
     store.set_reference(model_id, reference)
     if out is not None:
         out.write_bytes(reference.to_bytes())

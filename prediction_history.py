@@ -347,8 +347,9 @@ class HistoryPurge:
 
 
 def purge_all() -> int:
-    """Delete every prediction of everyone; how many."""
+    """Delete every prediction of everyone, and every rollout observation; how many predictions."""
     result = db.session.execute(delete(HistoryEntry))
+    db.session.execute(delete(RolloutObservation))
     db.session.commit()
     return result.rowcount
 

@@ -60,6 +60,8 @@ def pytest_unconfigure(config) -> None:
         "gc_seconds": [round(value, 2) for value in _seconds],
         "tracked_objects": len(gc.get_objects()),
     }
+    if "PROCESS_TIMES_LOG" not in os.environ:  # loaded without a log to write: nothing to do
+        return
     with open(os.environ["PROCESS_TIMES_LOG"], "a") as log:
         log.write(json.dumps(line) + "\n")
 

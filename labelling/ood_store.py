@@ -26,6 +26,7 @@ from labelling.ood_tuning import Proposal, TooFewLabels, propose
 from labelling.queue import REJECTED
 from model_store import ModelCalibration
 from monitoring import store as drift_store
+from monitoring import windows as drift_windows
 from prediction_history import HistoryEntry
 
 # The lanes whose labels are evidence: random (uniform: in scope or not) and ood (the highest scores).
@@ -142,6 +143,7 @@ def apply(author: str, model_id: int | None = None) -> tuple[Proposal, OodThresh
     record = model_store.get_full_calibration(found.model_id)
     record = {**record, "ood": {**record["ood"], "threshold": proposed.proposed}}
     reference = drift_store.references.get(found.model_id)
+    drift_windows.close_period_windows(found.model_id)  # the days and weeks due, at the threshold they had
     try:
         applied_at = model_store.put_calibration(found.model_id, record)
         if reference is not None:  # its decisions taken again at the new threshold

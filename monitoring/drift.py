@@ -173,10 +173,10 @@ def ks(window: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
 
 def rate_test(successes: int, trials: int, reference_rate: float, alternative: str = "two-sided") -> float:
     """Binomial test of a window's rate against the reference's; its p-value."""
-    from scipy import stats
-
     if trials == 0:
         return 1.0
+    from scipy import stats
+
     rate = min(max(reference_rate, 1e-6), 1 - 1e-6)  # a rate of exactly 0 or 1 makes any other count impossible
     return float(stats.binomtest(successes, trials, rate, alternative=alternative).pvalue)
 

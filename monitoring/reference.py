@@ -71,12 +71,8 @@ class Reference:
         (inference.calibration.Calibration) from its stored top probability and OOD score: when a
         threshold moves (the label queue's OOD tuning), the served decisions move with it, and a
         reference left with the old ones would report the change as drift."""
-        ood_scores = self.sample.ood_scores if self.sample.ood_scores is not None else [None] * len(self.sample)
-        decisions = [
-            calibration.decide(float(p), None if o is None else float(o))
-            for p, o in zip(self.sample.top_probability, ood_scores, strict=True)
-        ]
-        return replace(self, sample=replace(self.sample, decisions=np.array(decisions)))
+        decisions = decided(calibration, self.sample.top_probability, self.sample.ood_scores)
+        return replace(self, sample=replace(self.sample, decisions=decisions))
 
     def summary(self) -> dict:
         """The small public part: what the monitoring page and the model card show."""
@@ -142,6 +138,16 @@ class Reference:
         return cls(tuple(json.loads(metadata["class_names"])), sample, pca, metadata.get("source", ""))
 
 
+def decided(calibration, top_probability: np.ndarray, ood_scores: np.ndarray | None) -> np.ndarray:
+    """Each image's decision by `calibration`'s thresholds (inference.calibration.Calibration)."""
+    scores = ood_scores if ood_scores is not None else [None] * len(top_probability)
+    decisions = [
+        calibration.decide(float(p), None if o is None else float(o))
+        for p, o in zip(top_probability, scores, strict=True)
+    ]
+    return np.array(decisions)
+
+
 def statistics_row(statistics: ImageStatistics) -> list[float]:
     """One image's statistics in IMAGE_STATISTICS order."""
     return [float(getattr(statistics, name)) for name in IMAGE_STATISTICS]
@@ -160,10 +166,6 @@ def fit_reference(predictor, images: np.ndarray, source: str, seed: int = 0) -> 
     probabilities = calibration.probabilities(logits)
     ood_scores = calibration.ood_scores(logits, features)
     top = probabilities.max(axis=1)
-    decisions = [
-        calibration.decide(float(p), None if ood_scores is None else float(o))
-        for p, o in zip(top, ood_scores if ood_scores is not None else [None] * len(top), strict=True)
-    ]
     pca = fit_pca(features[-1]) if features else None
     embeddings = None
     if pca is not None:
@@ -173,7 +175,7 @@ def fit_reference(predictor, images: np.ndarray, source: str, seed: int = 0) -> 
     sample = Sample(
         classes=probabilities.argmax(axis=1),
         top_probability=top.astype(np.float64),
-        decisions=np.array(decisions),
+        decisions=decided(calibration, top, ood_scores),
         ood_scores=ood_scores,
         statistics=np.array([statistics_row(image_statistics(image)) for image in images], np.float64),
         embeddings=embeddings,

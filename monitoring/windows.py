@@ -7,7 +7,10 @@ ends, and whenever the monitoring page, `flask drift report` or the gauges read 
 window's results are stored (monitoring/store.py, drift_windows); its samples go with their
 predictions when retention purges them. Only samples recorded since the model's reference was
 (re)fitted count: those before a refit were scored and projected with the calibration and
-reference it replaced, so a window mixing both would flag the refit itself as drift. A period
+reference it replaced, so a window mixing both would flag the refit itself as drift (the commands
+that refit close the days and weeks already due first). The boundary is the reference's time: a
+worker that has not polled the new calibration yet (a second) can still put a few samples scored
+the old way in the first window after it. A period
 longer than the retention period loses its oldest samples: keep RETENTION_DAYS at 7 or more for
 weekly windows.
 """

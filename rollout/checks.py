@@ -3,8 +3,9 @@ same window, the rollback checks, and what a canary does next (nothing, step, pr
 
 Flask-free and database-free: the app feeds it windows read from the history (rollout_state.py)
 and the simulations (benchmarks/rollout_simulation.py, tests/test_rollout_checks.py) feed it precomputed
-model outputs, so both judge through this one code path. SciPy is imported inside the functions that use it: a
-web worker that has not checked a canary yet does not hold its memory (the lean worker's PSS budget).
+model outputs, so both judge through this one code path. SciPy is imported where a test is computed, past the
+early returns: a web worker that has not checked a canary yet does not hold its memory (the lean
+worker's PSS budget).
 """
 
 from __future__ import annotations
@@ -261,9 +262,9 @@ def _unknown_check(champion: VersionWindow, challenger: VersionWindow, paired: P
     one's own requests. The paired test is the one canaries use: on independent requests a
     challenger identical to the champion was rolled back for its unknown rate in 2 of 20
     simulated canaries (docs/benchmarks.md)."""
-    from scipy import stats
-
     if len(paired) >= criteria.check_every:
+        from scipy import stats
+
         mine, theirs = paired.unknown_discordant()
         p = float(stats.binomtest(mine, mine + theirs, 0.5, alternative="greater").pvalue) if mine + theirs else 1.0
         detail = (
@@ -278,13 +279,13 @@ def _unknown_check(champion: VersionWindow, challenger: VersionWindow, paired: P
     if pooled in (0.0, 1.0):
         return Check("unknown rate", True, 1.0, criteria.unknown_p, "the same rate on both")
     z = (k1 / n1 - k2 / n2) / np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    from scipy import stats
+
     p = float(stats.norm.sf(z))
     return Check("unknown rate", p >= criteria.unknown_p, p, criteria.unknown_p, f"{k1}/{n1} against {k2}/{n2}")
 
 
 def _class_check(champion: VersionWindow, challenger: VersionWindow, criteria: Criteria) -> Check:
-    from scipy import stats
-
     if challenger.answers < criteria.check_every or not champion.answers:
         return Check("class distribution", None, None, criteria.class_p, f"{challenger.answers} challenger answers")
     names = sorted(set(champion.classes) | set(challenger.classes))
@@ -292,6 +293,8 @@ def _class_check(champion: VersionWindow, challenger: VersionWindow, criteria: C
         return Check("class distribution", True, 1.0, criteria.class_p, "one class on both")
     mine, theirs = Counter(challenger.classes), Counter(champion.classes)
     table = np.array([[mine[name] for name in names], [theirs[name] for name in names]])
+    from scipy import stats
+
     p = float(stats.chi2_contingency(table)[1])
     top = max(names, key=lambda name: mine[name] / challenger.answers - theirs[name] / champion.answers)
     detail = f"most over-predicted: {top} ({mine[top]}/{challenger.answers} against {theirs[top]}/{champion.answers})"
@@ -299,11 +302,11 @@ def _class_check(champion: VersionWindow, challenger: VersionWindow, criteria: C
 
 
 def _conflict_check(paired: Paired, criteria: Criteria) -> Check:
-    from scipy import stats
-
     if not len(paired):
         return Check("confident conflicts", None, None, criteria.conflict_limit, "no requests scored by both")
     conflicts = paired.confident_conflicts()
+    from scipy import stats
+
     p = float(stats.binomtest(conflicts, len(paired), criteria.conflict_limit, alternative="greater").pvalue)
     detail = f"{conflicts}/{len(paired)} confident conflicts (p {p:.2g} against the limit)"
     return Check(
@@ -325,8 +328,6 @@ class Accuracy:
 
 
 def paired_accuracy(paired: Paired, confidence: float = 0.95) -> Accuracy:
-    from scipy import stats
-
     labelled, worse, better = paired.discordant()
     if not labelled:
         return Accuracy(0, None, None, None, None, None)
@@ -338,6 +339,8 @@ def paired_accuracy(paired: Paired, confidence: float = 0.95) -> Accuracy:
     difference = (better - worse) / labelled
     # The paired difference's standard error (Wald, on the discordant counts).
     variance = max((better + worse) / labelled - difference**2, 0.0) / labelled
+    from scipy import stats
+
     lower = difference - float(stats.norm.ppf(confidence)) * np.sqrt(variance)
     discordant = worse + better
     mcnemar = float(stats.binomtest(min(worse, better), discordant, 0.5).pvalue) if discordant else 1.0

@@ -137,7 +137,7 @@ def test_a_refit_starts_the_windows_again(monitored):
     client = monitored.test_client()
     send(client, uniform_images(4, 100))
     with monitored.app_context():
-        store.set_reference(1, references.get(1))  # as `flask models calibrate` does again
+        store.set_reference(1, references.get(1))  # as `flask calibrate` does again
         first_after = db.session.scalar(select(func.max(DriftSample.id))) + 1
     send(client, uniform_images(5, 200))
     with monitored.app_context():
@@ -156,6 +156,23 @@ def test_a_refit_starts_the_windows_again(monitored):
         db.session.commit()
         assert windows.close_period_windows(1, minimum=201) == 0
         assert windows.close_period_windows(1, minimum=200) == 2
+
+
+def test_a_refit_first_closes_the_days_and_weeks_already_due(monitored, tmp_path):
+    # 200 predictions of a day ten days ago, under the reference fitted that morning: their day
+    # and week are over but not closed yet (no prediction since). A refit must not orphan them.
+    send(monitored.test_client(), uniform_images(4, 200))
+    morning = (datetime.now(UTC) - timedelta(days=10)).replace(hour=6, minute=0, second=0, microsecond=0)
+    with monitored.app_context():
+        db.session.execute(update(DriftSample).values(created_at=morning + timedelta(hours=6)))
+        db.session.execute(update(DriftReference).values(created_at=morning))
+        db.session.commit()
+    data = _folder(tmp_path / "data")
+    runner = monitored.test_cli_runner()
+    refit = runner.invoke(args=["drift", "fit-reference", "1", "--data", str(data), "--val-fraction", "0.5"])
+    assert refit.exit_code == 0, refit.output
+    with monitored.app_context():
+        assert sorted((w.kind, w.count) for w in windows.windows()) == [("day", 200), ("week", 200)]
 
 
 def test_monitoring_page_plot_and_gauges(monitored):
