@@ -127,12 +127,13 @@ def _heaviest_files_first(items) -> None:
 def pytest_collection_finish(session) -> None:
     """Collecting imported TensorFlow, Keras and the app: hundreds of thousands of objects that
     live as long as the process, which every full collection of Python's cycle collector walked
-    again (a third of a second each, a dozen times a worker). Frozen, they are left out; and full
-    collections wait for many more younger ones, since a test run is short and its garbage is
-    freed with the process anyway."""
+    again (a third of a second each, a dozen times a worker). Frozen, they are left out. Full
+    collections then come after 100 younger ones instead of 10: a few a run still find the tests'
+    cyclic garbage and the warnings of its finalizers (errors here) while the tests run, at less
+    cost (docs/testing.md, "the fifth round")."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(700, 10, 1000)
+    gc.set_threshold(700, 10, 100)
 
 
 @pytest.hookimpl(trylast=True)
