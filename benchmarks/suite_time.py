@@ -80,6 +80,9 @@ def export_revision(revision: str, into: Path) -> Path:
     commit = subprocess.run(
         ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
+    # TemporaryDirectory makes `into` 0700: the sandbox tests' child runs as `nobody`, which must
+    # read the source folder, as it can a checkout's.
+    into.chmod(0o755)
     subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(ROOT), str(into)], check=True)
     subprocess.run(["git", "-C", str(into), "checkout", "--quiet", "--detach", commit], check=True)
     (into / ".venv").symlink_to((ROOT / ".venv").resolve())
