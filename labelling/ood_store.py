@@ -142,10 +142,10 @@ def apply(author: str, model_id: int | None = None) -> tuple[Proposal, OodThresh
     proposed = propose(found.in_scope, found.none, found.current, found.pass_rate)
     record = model_store.get_full_calibration(found.model_id)
     record = {**record, "ood": {**record["ood"], "threshold": proposed.proposed}}
-    reference = drift_store.references.get(found.model_id)
     drift_windows.close_period_windows(found.model_id)  # the days and weeks due, at the threshold they had
     try:
         applied_at = model_store.put_calibration(found.model_id, record)
+        reference = drift_store.locked_reference(found.model_id)  # not one a refit replaces meanwhile
         if reference is not None:  # its decisions taken again at the new threshold
             drift_store.put_reference(found.model_id, reference.decided_by(Calibration.from_record(record)))
         change = OodThresholdChange(

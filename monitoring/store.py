@@ -108,6 +108,13 @@ def put_reference(model_id: int, reference: Reference) -> None:
     db.session.add(row)
 
 
+def locked_reference(model_id: int) -> Reference | None:
+    """The model's stored reference, its row locked until the caller's transaction ends
+    (PostgreSQL; SQLite lets one writer at a time anyway), for a change made from it."""
+    data = db.session.scalar(select(DriftReference.data).where(DriftReference.model_id == model_id).with_for_update())
+    return None if data is None else Reference.from_bytes(data)
+
+
 def reference_summary(model_id: int) -> dict | None:
     return db.session.scalar(select(DriftReference.summary).where(DriftReference.model_id == model_id))
 
