@@ -3,9 +3,10 @@ same window, the rollback checks, and what a canary does next (nothing, step, pr
 
 Flask-free and database-free: the app feeds it windows read from the history (rollout_state.py)
 and the simulations (benchmarks/rollout_simulation.py, tests/test_rollout_checks.py) feed it precomputed
-model outputs, so both judge through this one code path. SciPy is imported where a test is computed, past the
-early returns: a web worker that has not checked a canary yet does not hold its memory (the lean
-worker's PSS budget).
+model outputs, so both judge through this one code path.
+
+SciPy is imported where a test is computed, past the early returns: a web worker that has not
+checked a canary yet does not hold its memory (the lean worker's PSS budget).
 """
 
 from __future__ import annotations

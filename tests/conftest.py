@@ -148,7 +148,7 @@ def _shared_folder(tmp_path_factory) -> Path:
     """A folder all the processes of this test run share: pytest-xdist gives each worker a base
     folder of its own under the run's."""
     base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return base.parent if IN_WORKER else base
 
 
 @pytest.fixture(scope="session", autouse=True)
